@@ -1,0 +1,117 @@
+"""Schema of SP-NGD's hyperparameters: the ``"optimizer": {"type": "SPNGD", "params": {...}}`` DeepSpeed JSON section.
+
+Every key is validated before training starts (pydantic, ``extra="forbid"``): an unknown key, a wrong type or an
+out-of-range value raises :class:`SPNGDConfigError` whose message names the key, e.g. ``optimizer.params.damping``.
+
+References:
+    Osawa et al., "Large-Scale Distributed Second-Order Optimization Using Kronecker-Factored Approximate Curvature for
+    Deep Convolutional Neural Networks", CVPR 2019, arXiv:1811.12019 (SP-NGD); TPAMI 2020, arXiv:2002.06015.
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature", ICML 2015,
+    arXiv:1503.05671 (K-FAC, factored Tikhonov damping §6.3).
+    Ba, Grosse & Martens, "Distributed Second-Order Optimization using Kronecker-Factored Approximations", ICLR 2017
+    (KL-clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["SPNGDConfig", "SPNGDConfigError", "parse_spngd_params"]
+
+
+class SPNGDConfigError(ValueError):
+    """Raised when the SP-NGD section of a DeepSpeed config is invalid; the message names every offending key."""
+
+
+class SPNGDConfig(BaseModel):
+    """SP-NGD hyperparameters (the public JSON contract).
+
+    Attributes:
+        lr: learning rate η (DeepSpeed's JSON ``scheduler`` may change it every step).
+        momentum: heavy-ball momentum m applied to the preconditioned gradient.
+        weight_decay: L2 coefficient, added *after* preconditioning (as torch SGD adds it to the gradient).
+        damping: Tikhonov damping λ. ``inverse_method="inverse"``: A + π√λ·I and G + (√λ/π)·I are inverted
+            (Martens & Grosse 2015 §6.3); ``"eigen"``: 1/(d_G d_Aᵀ + λ) in the Kronecker eigenbasis. Unit-wise blocks
+            (BatchNorm/LayerNorm) use (F_c + λ·I)⁻¹.
+        fisher_type: ``"emp"`` = empirical Fisher from the training labels' backward (SP-NGD); ``"mc"`` = one label per
+            example sampled from the model's predictive softmax, with an extra backward used for the factors only.
+        inverse_method: ``"inverse"`` (π-corrected factored Tikhonov, Cholesky in fp32 with an eigendecomposition
+            fallback) or ``"eigen"`` (exact damped Kronecker inverse, as KAISA).
+        factor_decay: running average of the factors, new = decay·old + (1 − decay)·batch; 0 keeps the current batch
+            only (the SP-NGD recipe).
+        factor_update_steps: recompute the factors every this many optimizer steps (1 = every step).
+        inv_update_steps: recompute inverses/eigendecompositions every this many optimizer steps; must be a multiple of
+            ``factor_update_steps`` so that an inversion always sees freshly reduced factors.
+        kl_clip: κ of KL-clipping (Ba et al. 2017): scale the update by ν = min(1, sqrt(κ / (η² Σ_l v_l·g_l))); null
+            disables it.
+        weight_rescale: SP-NGD's replacement of weight decay: after each update rescale every preconditioned
+            Linear/Conv2d weight W with ‖W‖_F > sqrt(2·d_out) to that norm.
+        momentum_correction: multiply the velocity by η_t/η_{t−1} when the learning rate changes (Goyal et al. 2017,
+            arXiv:1706.02677 §2.1); the velocity holds η·(update) so the correction keeps the step continuous.
+        loss_reduction: how the training loss reduces over a micro-batch: ``"mean"`` (default, DeepSpeed convention) or
+            ``"sum"``. Used to recover per-example gradients for G from the gradient of the reduced loss.
+        skip_modules: module names (as in ``model.named_modules()``; a name matches itself and its children) that are
+            left to the plain momentum-SGD update.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    damping: float = Field(1e-3, gt=0.0)
+    fisher_type: Literal["emp", "mc"] = "emp"
+    inverse_method: Literal["inverse", "eigen"] = "inverse"
+    factor_decay: float = Field(0.95, ge=0.0, lt=1.0)
+    factor_update_steps: int = Field(1, ge=1)
+    inv_update_steps: int = Field(1, ge=1)
+    kl_clip: float | None = Field(None, gt=0.0)
+    weight_rescale: bool = False
+    momentum_correction: bool = True
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    skip_modules: tuple[str, ...] = ()
+
+    def model_post_init(self, __context: Any) -> None:  # noqa: D401 - pydantic hook
+        if self.inv_update_steps % self.factor_update_steps != 0:
+            raise ValueError(
+                f"inv_update_steps ({self.inv_update_steps}) must be a multiple of factor_update_steps "
+                f"({self.factor_update_steps}) so that every inversion uses freshly reduced factors"
+            )
+
+
+def _format_errors(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        key = f"{prefix}.{loc}" if loc else prefix
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "invalid SP-NGD config:\n" + "\n".join(lines)
+
+
+def parse_spngd_params(params: Any, prefix: str = "optimizer.params") -> SPNGDConfig:
+    """Validate the ``optimizer.params`` dict of a DeepSpeed config.
+
+    Args:
+        params: the raw mapping from the JSON (``None`` means all defaults).
+        prefix: the key path used in error messages.
+
+    Returns:
+        A frozen :class:`SPNGDConfig`.
+
+    Raises:
+        SPNGDConfigError: naming every unknown key, wrong type or out-of-range value.
+    """
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise SPNGDConfigError(f"invalid SP-NGD config: {prefix} must be a JSON object, got {type(params).__name__}")
+    try:
+        return SPNGDConfig(**params)
+    except ValidationError as err:
+        raise SPNGDConfigError(_format_errors(err, prefix)) from None
+    except ValueError as err:  # model_post_init cross-field checks
+        raise SPNGDConfigError(f"invalid SP-NGD config: {prefix}: {err}") from None

@@ -1,0 +1,165 @@
+"""Common machinery of a Fisher block: hook registration and the capture context shared by all blocks.
+
+Statistics are captured by module hooks, never by reading ``p.grad`` (ZeRO frees it):
+
+* a forward hook sees the layer input (for A, or x̂ for unit-wise blocks) and, on a factor-update step, registers a
+  tensor hook on the layer output;
+* the tensor hook sees ∂L/∂(output) during backward (for G). The gradient seen there is that of the *reduced* loss;
+  :meth:`CaptureContext.example_scale` turns it into the per-example gradient ∂ℓ_i/∂s_i.
+
+On steps that do not refresh factors both hooks return at once, so the non-refresh step costs the same as SGD's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ds_spngd.curvature.factor import SymmetricFactor
+
+__all__ = ["CaptureContext", "FisherBlock"]
+
+
+@dataclass
+class CaptureContext:
+    """State shared by every block's hooks (one per optimizer).
+
+    Attributes:
+        collecting: True while the current optimizer step refreshes factors (set by the optimizer).
+        fisher_type: ``"emp"`` (G from the training backward) or ``"mc"`` (G from a sampled-label backward).
+        phase: ``"train"`` during the user's backward, ``"mc"`` during the optimizer's sampled-label backward.
+        loss_reduction: ``"mean"`` or ``"sum"`` — how the training loss reduces over the micro-batch.
+        grad_accum_steps: DeepSpeed's gradient_accumulation_steps (the engine divides the loss by it).
+        loss_scale: callable giving the current loss scale (1 without fp16).
+        track_output: called with every hooked layer output on refresh steps (the MC Fisher's backward targets).
+    """
+
+    collecting: bool = True
+    fisher_type: str = "emp"
+    phase: str = "train"
+    loss_reduction: str = "mean"
+    grad_accum_steps: int = 1
+    loss_scale: Callable[[], float] = field(default=lambda: 1.0)
+    track_output: Callable[[Tensor], None] | None = None
+
+    def accepts_grad(self) -> bool:
+        """Whether a gradient seen now belongs to the Fisher estimate (emp: training backward; mc: sampled one)."""
+        return self.phase == ("mc" if self.fisher_type == "mc" else "train")
+
+    def example_scale(self, n: int) -> float:
+        """Factor s with per-example gradient g_i = s · (gradient seen by the hook) for a micro-batch of n examples.
+
+        Training backward: the loss is the micro-batch mean (×n undoes it; 1 for a summed loss), divided by
+        gradient_accumulation_steps and multiplied by the loss scale. The sampled-label backward uses a summed loss
+        computed by the optimizer itself: s = 1.
+        """
+        if self.phase == "mc":
+            return 1.0
+        per = float(n) if self.loss_reduction == "mean" else 1.0
+        return per * self.grad_accum_steps / float(self.loss_scale())
+
+
+class FisherBlock(ABC):
+    """One preconditioned module: its factors, hooks, preconditioner and the parameters it owns.
+
+    Args:
+        name: the module's qualified name in the model.
+        module: the module (hooks are registered on it).
+        ctx: the shared capture context.
+
+    Attributes:
+        params: the module's parameters in gradient order (e.g. [weight, bias]).
+        factors: the statistics this block reduces and inverts.
+        fired: True once the hooks have captured a full forward+backward.
+    """
+
+    kind: str = "block"
+
+    def __init__(self, name: str, module: nn.Module, ctx: CaptureContext) -> None:
+        self.name = name
+        self.module = module
+        self.ctx = ctx
+        self.params: list[nn.Parameter] = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+                                           if p is not None]
+        self.fired = False
+        self._handle: RemovableHandle | None = None
+        self._inverse: tuple[Tensor, ...] | None = None
+
+    @property
+    @abstractmethod
+    def factors(self) -> list[SymmetricFactor]:
+        """The block's factors in a fixed order (identical on every rank)."""
+
+    def register(self) -> None:
+        """Install the forward hook on the module."""
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._forward_hook)
+
+    def remove(self) -> None:
+        """Remove the hooks (the block stops collecting)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
+            return
+        if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        x = inputs[0].detach()
+        n = int(x.shape[0])
+        on_grad = self._capture_forward(x, output.detach())
+
+        def hook(grad: Tensor) -> None:
+            if self.ctx.accepts_grad():
+                on_grad(grad.detach(), self.ctx.example_scale(n))
+                self.fired = True
+
+        output.register_hook(hook)
+        if self.ctx.track_output is not None:
+            self.ctx.track_output(output)
+
+    @abstractmethod
+    def _capture_forward(self, x: Tensor, output: Tensor) -> Callable[[Tensor, float], None]:
+        """Record forward statistics for input x (N × …); return the callback that records G from ∂L/∂output.
+
+        The callback receives the output gradient (same shape as output) and the per-example scale s.
+        """
+
+    @abstractmethod
+    def update_preconditioner(self, damping: float, method: str) -> None:
+        """Recompute the inverse/eigendecomposition from the committed factors.
+
+        Raises:
+            FloatingPointError: naming the block when a factor is NaN/Inf.
+        """
+
+    @abstractmethod
+    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
+        """Return the natural-gradient direction F̂⁻¹ g for this block's parameter gradients (same shapes, fp32)."""
+
+    @property
+    def has_preconditioner(self) -> bool:
+        """True once update_preconditioner has run on committed factors."""
+        return self._inverse is not None
+
+    def state_dict(self) -> dict[str, object]:
+        """Committed factors (inverses are rebuilt from them after loading)."""
+        return {f.name: f.state_dict() for f in self.factors}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore factors saved by :meth:`state_dict`; the preconditioner is rebuilt at the next step."""
+        for f in self.factors:
+            if f.name not in state:
+                raise KeyError(f"checkpoint has no factor {f.name}")
+            f.load_state_dict(state[f.name])  # type: ignore[arg-type]
+        self._inverse = None
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for the start-up report: kind and factor sizes."""

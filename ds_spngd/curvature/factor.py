@@ -1,0 +1,129 @@
+"""One statistic class for every symmetric curvature factor: K-FAC's A and G and the unit-wise 2×2 blocks.
+
+A factor holds a batch of B symmetric d × d matrices (B = 1 for a Kronecker factor, B = C channels for a unit-wise
+block). It is built in three stages per factor-update step:
+
+1. ``add``: each micro-batch's contribution Σ rowsᵀ·rows (times a weight) is summed locally, with the number of
+   examples it came from (so the estimate is a per-example average whatever the micro-batch size, gradient
+   accumulation or world size);
+2. the local sums and counts are reduced across data-parallel ranks (``comm``);
+3. ``commit``: the reduced sum / count becomes this step's estimate, folded into the running average
+   value ← decay·value + (1 − decay)·estimate (Martens & Grosse 2015 §5; decay 0 keeps the current batch only, as in
+   the SP-NGD recipe, Osawa et al. arXiv:1811.12019).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["SymmetricFactor"]
+
+
+class SymmetricFactor:
+    """Running estimate of E[x xᵀ] for B independent blocks.
+
+    Args:
+        name: for messages, e.g. ``"conv1.A"``.
+        dim: d, the side of each block.
+        blocks: B, the number of independent blocks (1 for Kronecker factors).
+
+    Attributes:
+        accum: B × d × d fp32 local sum of this step's contributions, or None when nothing was added.
+        count: number of examples behind ``accum`` (this rank).
+        value: B × d × d fp32 running average after the last commit, or None before the first.
+        version: increments on each commit (inverses compare it to know they are stale).
+    """
+
+    def __init__(self, name: str, dim: int, blocks: int = 1) -> None:
+        self.name = name
+        self.dim = dim
+        self.blocks = blocks
+        self.accum: Tensor | None = None
+        self.count: float = 0.0
+        self.value: Tensor | None = None
+        self.version: int = 0
+
+    @property
+    def packed_numel(self) -> int:
+        """Length of the packed upper triangle: B·d(d+1)/2."""
+        return self.blocks * self.dim * (self.dim + 1) // 2
+
+    def add(self, rows: Tensor, weight: float, n_examples: int) -> None:
+        """Accumulate weight · rowsᵀ rows (per block) from one micro-batch.
+
+        Args:
+            rows: M × d (B = 1) or B × M × d; any float dtype, upcast to fp32 before the product.
+            weight: scalar multiplying the outer-product sum (e.g. 1/|T| for KFC's G, scale² for loss scaling).
+            n_examples: the number of examples the M rows came from (added to ``count``).
+
+        Raises:
+            ValueError: when the trailing dimension or block count does not match the factor.
+        """
+        r = rows.float()
+        if r.dim() == 2:
+            r = r.unsqueeze(0)
+        if r.dim() != 3 or r.shape[0] != self.blocks or r.shape[2] != self.dim:
+            raise ValueError(
+                f"factor {self.name}: expected rows of shape {'' if self.blocks == 1 else f'{self.blocks} x '}"
+                f"M x {self.dim}, got {tuple(rows.shape)}"
+            )
+        if self.accum is None:
+            self.accum = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32, device=r.device)
+        if self.blocks == 1:
+            self.accum[0].addmm_(r[0].t(), r[0], alpha=weight)
+        else:
+            self.accum.baddbmm_(r.transpose(1, 2), r, alpha=weight)
+        self.count += n_examples
+
+    def take_local(self) -> tuple[Tensor, float]:
+        """Return (local sum, local count) for reduction and clear the accumulator.
+
+        A factor that received nothing this step contributes zeros (so collective shapes stay identical on every
+        rank) and count 0.
+        """
+        acc = self.accum
+        if acc is None:
+            acc = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32)
+        count = self.count
+        self.accum, self.count = None, 0.0
+        return acc, count
+
+    def commit(self, total: Tensor, count: float, decay: float) -> bool:
+        """Fold a globally reduced sum into the running average.
+
+        Args:
+            total: B × d × d reduced sum over all ranks and micro-batches.
+            count: total number of examples behind ``total``.
+            decay: running-average decay in [0, 1).
+
+        Returns:
+            False when ``count`` is 0 (no example reached this factor on any rank; value unchanged), else True.
+
+        Raises:
+            FloatingPointError: naming the factor when the new estimate holds NaN/Inf (the running average is left
+                untouched).
+        """
+        if count <= 0:
+            return False
+        estimate = total.float() / count
+        if not bool(torch.isfinite(estimate).all()):
+            raise FloatingPointError(f"factor {self.name} is not finite (NaN/Inf in the layer's inputs or gradients)")
+        if self.value is None or decay == 0.0:
+            self.value = estimate
+        else:
+            self.value.mul_(decay).add_(estimate, alpha=1.0 - decay)
+        self.version += 1
+        return True
+
+    def state_dict(self) -> dict[str, object]:
+        return {"value": self.value, "version": self.version}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        value = state["value"]
+        if value is not None:
+            if not isinstance(value, Tensor) or tuple(value.shape) != (self.blocks, self.dim, self.dim):
+                raise ValueError(f"factor {self.name}: checkpoint value has the wrong shape")
+            value = value.float().clone()
+        self.value = value
+        self.version = int(state["version"])  # type: ignore[call-overload]

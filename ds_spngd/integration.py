@@ -1,0 +1,172 @@
+"""``ds_spngd.initialize``: deepspeed.initialize with SP-NGD selectable from the JSON.
+
+DeepSpeed has no registry for custom optimizer names, so a user's script changes one call::
+
+    engine, optimizer, loader, scheduler = ds_spngd.initialize(args=args, model=model,
+                                                               model_parameters=model.parameters())
+
+and writes ``"optimizer": {"type": "SPNGD", "params": {...}}`` in the DeepSpeed JSON. Any other optimizer type is
+passed to deepspeed.initialize untouched. For SPNGD the wrapper
+
+* loads the config (path, dict, or ``args.deepspeed_config``) and validates ``optimizer.params`` before anything is
+  built (:class:`ds_spngd.config.SPNGDConfigError` names the key);
+* sets ``gradient_clipping`` to 0 when the JSON does not set it: DeepSpeed 0.19.8 defaults to clipping at norm 1.0,
+  which would silently rescale the gradient before preconditioning;
+* refuses configurations whose math is not supported yet (ZeRO stages ≥ 1, fp16) with a message saying why;
+* builds :class:`ds_spngd.SPNGD` on the raw model (its hooks must be registered before DeepSpeed wraps the model) and
+  hands it to deepspeed.initialize as a client optimizer, so DeepSpeed's JSON ``scheduler``, monitors, bf16 and
+  checkpoints work as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+import deepspeed
+import torch
+
+from ds_spngd.config import SPNGDConfigError, parse_spngd_params
+from ds_spngd.optimizer import SPNGD
+
+__all__ = ["initialize", "load_ds_config", "is_spngd_config", "get_spngd"]
+
+logger = logging.getLogger("ds_spngd")
+
+
+def load_ds_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of a DeepSpeed config given as a dict or a JSON file path.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        SPNGDConfigError: the file is not valid JSON (message gives file, line and column) or not a JSON object.
+    """
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = json.load(f)
+        except json.JSONDecodeError as err:
+            raise SPNGDConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(loaded, dict):
+        raise SPNGDConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def is_spngd_config(ds_config: dict[str, Any]) -> bool:
+    """True when the config's optimizer section selects SP-NGD (type "SPNGD", case-insensitive)."""
+    section = ds_config.get("optimizer")
+    return isinstance(section, dict) and str(section.get("type", "")).lower() == "spngd"
+
+
+def _check_supported(ds_config: dict[str, Any]) -> None:
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    if stage != 0:
+        raise SPNGDConfigError(
+            f"zero_optimization.stage={stage} is not supported by SP-NGD yet: under ZeRO the optimizer sees flat "
+            "gradient partitions, not layers. Use stage 0 (ZeRO 1/2 support is planned)."
+        )
+    fp16 = ds_config.get("fp16") or {}
+    if isinstance(fp16, dict) and fp16.get("enabled", False):
+        raise SPNGDConfigError(
+            "fp16.enabled=true is not supported by SP-NGD yet: DeepSpeed 0.19.8's stage-0 fp16 wrapper divides the "
+            "update by the loss scale without scaling the loss, which under-steps SP-NGD. Use bf16 or fp32."
+        )
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = ds_config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise SPNGDConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
+def get_spngd(engine_or_optimizer: Any) -> SPNGD | None:
+    """The SP-NGD optimizer behind a DeepSpeed engine or optimizer wrapper, or None."""
+    obj = engine_or_optimizer
+    for attr in ("basic_optimizer", "optimizer"):
+        if isinstance(obj, SPNGD):
+            return obj
+        obj = getattr(obj, attr, None)
+    return obj if isinstance(obj, SPNGD) else None
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: str | dict[str, Any] | None = None,
+    mesh_param: Any = None,
+    config_params: str | dict[str, Any] | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Drop-in replacement for ``deepspeed.initialize`` that understands ``"optimizer": {"type": "SPNGD"}``.
+
+    Arguments and return value are deepspeed.initialize's: (engine, optimizer, training_dataloader, lr_scheduler).
+    The returned optimizer is DeepSpeed's (a bf16 wrapper around SP-NGD, or SP-NGD itself); :func:`get_spngd`
+    finds the SP-NGD object.
+
+    Raises:
+        SPNGDConfigError: invalid or unsupported SP-NGD configuration (before anything is built).
+        ValueError: SPNGD selected but an optimizer object was also passed, or no model.
+    """
+    passthrough = dict(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=config, mesh_param=mesh_param, config_params=config_params,
+    )
+    source = config if config is not None else config_params
+    args_config = getattr(args, "deepspeed_config", None) if args is not None else None
+    if source is None:
+        source = args_config
+    if source is None:
+        return deepspeed.initialize(**passthrough)
+    ds_config = load_ds_config(source)
+    if not is_spngd_config(ds_config):
+        return deepspeed.initialize(**passthrough)
+    if optimizer is not None:
+        raise ValueError("the config selects optimizer type SPNGD, but an optimizer object was passed as well")
+    if model is None:
+        raise ValueError("SP-NGD needs the model (its layers get curvature hooks): pass model=...")
+    _check_supported(ds_config)
+    spngd_cfg = parse_spngd_params(ds_config["optimizer"].get("params"))
+    unknown = set(ds_config["optimizer"]) - {"type", "params"}
+    if unknown:
+        raise SPNGDConfigError(f"invalid SP-NGD config: optimizer.{sorted(unknown)[0]}: unknown key")
+    if "gradient_clipping" not in ds_config:
+        ds_config["gradient_clipping"] = 0.0
+        logger.info("SP-NGD: gradient_clipping not set; using 0 (DeepSpeed's default 1.0 would rescale gradients)")
+    elif float(ds_config["gradient_clipping"]) > 0:
+        logger.warning("SP-NGD: gradient_clipping=%s clips the raw gradient before preconditioning; kl_clip is the "
+                       "natural-gradient analogue", ds_config["gradient_clipping"])
+    del ds_config["optimizer"]
+
+    params = list(model.parameters() if model_parameters is None else model_parameters)
+    spngd = SPNGD(params, model=model, config=spngd_cfg)
+    ds_args = args
+    if args_config is not None:
+        ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
+        ds_args.deepspeed_config = None
+    spngd.suspended = True  # DeepSpeed's precision wrappers call step() once while being built
+    try:
+        engine, ds_opt, loader, scheduler = deepspeed.initialize(
+            args=ds_args, model=model, optimizer=spngd, model_parameters=params, training_data=training_data,
+            lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu,
+            dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param,
+        )
+    finally:
+        spngd.suspended = False
+    spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
+    spngd.process_group = getattr(engine, "data_parallel_group", None)
+    return engine, ds_opt, loader, scheduler
