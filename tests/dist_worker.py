@@ -1,0 +1,80 @@
+"""One data-parallel rank of a tiny SP-NGD run through the real DeepSpeed engine (used by test_distributed.py).
+
+Run as: RANK=r WORLD_SIZE=w LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/dist_worker.py OUT CASES_JSON
+Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int, "damping"?: float}. The global batch of every step is fixed
+(seeded); rank r takes the r-th contiguous share and splits it into gas micro-batches. Rank 0 saves the flat fp32
+(master) parameters after every step to OUT/<case index>.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ds_spngd
+
+GLOBAL_BATCH = 16
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
+                         nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def run_case(case: dict, rank: int, world: int) -> list[torch.Tensor]:
+    gas = case["gas"]
+    micro = GLOBAL_BATCH // (world * gas)
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": 0},
+        "optimizer": {"type": "SPNGD", "params": {
+            "lr": 0.2, "momentum": 0.9, "damping": case.get("damping", 0.03), "factor_decay": 0.5, "weight_decay": 1e-3,
+            "factor_update_steps": 1, "inv_update_steps": 2, "inverse_method": case["inverse_method"],
+            "fisher_type": case.get("fisher_type", "emp"), "skip_modules": case.get("skip", [])}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.2,
+                                                      "warmup_num_steps": 4, "warmup_type": "linear"}},
+    }
+    if case["bf16"]:
+        config["bf16"] = {"enabled": True}
+    model = make_model()
+    engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=model.parameters(), config=config)
+    spngd = ds_spngd.get_spngd(engine)
+    assert spngd is not None
+    dtype = torch.bfloat16 if case["bf16"] else torch.float32
+    gen = torch.Generator().manual_seed(1)
+    history = []
+    for _ in range(case["steps"]):
+        x = torch.randn(GLOBAL_BATCH, 1, 6, 6, generator=gen)
+        y = torch.randint(0, 5, (GLOBAL_BATCH,), generator=gen)
+        share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        for xm, ym in zip(x[share].chunk(gas), y[share].chunk(gas), strict=True):
+            loss = F.cross_entropy(engine(xm.to(dtype)).float(), ym)
+            engine.backward(loss)
+            engine.step()
+        # SP-NGD's own parameters: the model's under fp32, DeepSpeed's fp32 master copies under bf16
+        history.append(torch.cat([p.detach().float().reshape(-1) for g in spngd.param_groups for p in g["params"]]))
+    return history
+
+
+def main() -> None:
+    out, cases = sys.argv[1], json.loads(sys.argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    for i, case in enumerate(cases):
+        history = run_case(case, rank, world)
+        if rank == 0:
+            torch.save(torch.stack(history), os.path.join(out, f"{i}.pt"))
+
+
+if __name__ == "__main__":
+    main()
