@@ -1,9 +1,9 @@
 """One data-parallel rank of a tiny SP-NGD run through the real DeepSpeed engine (used by test_distributed.py).
 
 Run as: RANK=r WORLD_SIZE=w LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/dist_worker.py OUT CASES_JSON
-Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int, "damping"?: float}. The global batch of every step is fixed
-(seeded); rank r takes the r-th contiguous share and splits it into gas micro-batches. Rank 0 saves the flat fp32
-(master) parameters after every step to OUT/<case index>.pt.
+Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int, "damping"?: float, "skip"?: [names]}.
+The global batch of every step is fixed (seeded); rank r takes the r-th contiguous share and splits it into gas
+micro-batches. Rank 0 saves the flat fp32 (master) parameters after every step to OUT/<case index>.pt.
 """
 
 from __future__ import annotations
