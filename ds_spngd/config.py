@@ -41,6 +41,10 @@ class SPNGDConfig(BaseModel):
             fallback) or ``"eigen"`` (exact damped Kronecker inverse, as KAISA).
         factor_decay: running average of the factors, new = decay·old + (1 − decay)·batch; 0 keeps the current batch
             only (the SP-NGD recipe).
+        factor_sample_fraction: fraction f ∈ (0, 1] of each micro-batch's examples (the first ⌈f·N⌉; the data is
+            shuffled) whose statistics enter the factors: an unbiased estimate of the same per-example Fisher at about
+            f× the factor cost. 1 = every example (the Issue's normalization contract is unchanged: factors stay
+            per-example averages).
         factor_update_steps: recompute the factors every this many optimizer steps (1 = every step).
         inv_update_steps: recompute inverses/eigendecompositions every this many optimizer steps; must be a multiple of
             ``factor_update_steps`` so that an inversion always sees freshly reduced factors.
@@ -65,6 +69,7 @@ class SPNGDConfig(BaseModel):
     fisher_type: Literal["emp", "mc"] = "emp"
     inverse_method: Literal["inverse", "eigen"] = "inverse"
     factor_decay: float = Field(0.95, ge=0.0, lt=1.0)
+    factor_sample_fraction: float = Field(1.0, gt=0.0, le=1.0)
     factor_update_steps: int = Field(1, ge=1)
     inv_update_steps: int = Field(1, ge=1)
     kl_clip: float | None = Field(None, gt=0.0)

@@ -69,7 +69,8 @@ class SPNGD(torch.optim.Optimizer):
         self.cfg = cfg
         super().__init__(params, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
         self.process_group = process_group
-        self.ctx = CaptureContext(fisher_type=cfg.fisher_type, loss_reduction=cfg.loss_reduction)
+        self.ctx = CaptureContext(fisher_type=cfg.fisher_type, loss_reduction=cfg.loss_reduction,
+                                  sample_fraction=cfg.factor_sample_fraction)
         positions = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
         plan = build_blocks(model, self.ctx, set(positions), cfg.skip_modules)
         self.blocks: list[FisherBlock] = plan.blocks

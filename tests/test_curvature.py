@@ -380,3 +380,35 @@ def test_gradient_accumulation_matches_one_big_micro_batch(method: str) -> None:
     # eigen: fp32 eigh of factors summed in a different order; differences ~1e-5 after 3 momentum steps
     tol = {"inverse": 1e-6, "eigen": 5e-5}[method]
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=tol)
+
+
+def test_factor_sample_fraction_uses_leading_examples() -> None:
+    """f = 0.5 of 7 examples → the first 4: per-example factors of those, G scaled as per-example gradients."""
+    model = linear_model(True)
+    torch.manual_seed(11)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    ref = copy.deepcopy(model)
+    opt, _, _ = run_one_step(model, x, y, factor_sample_fraction=0.5)
+    a_rows = with_ones(x[:4].double())
+    g = per_example_output_grads(ref, 0, x, y)[:4]
+    b = block(opt, "0")
+    torch.testing.assert_close(b.a.value[0].double(), a_rows.T @ a_rows / 4, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.g.value[0].double(), g.T @ g / 4, rtol=1e-5, atol=1e-8)
+
+
+def test_factor_sample_fraction_batchnorm_uses_full_batch_statistics() -> None:
+    torch.manual_seed(12)
+    bn = nn.BatchNorm1d(3)
+    head = nn.Linear(3, 2)
+    head.requires_grad_(False)
+    model = nn.Sequential(bn, nn.Tanh(), head)
+    x, y = torch.randn(8, 3) * 3 + 2, torch.randint(0, 2, (8,))
+    ref = copy.deepcopy(model)
+    opt, _, _ = run_one_step(model, x, y, factor_sample_fraction=0.25)
+    xhat = F.batch_norm(x.double(), None, None, training=True, eps=bn.eps)  # statistics of all 8 examples
+    gam = ref[0].weight.detach().double().repeat(8, 1).requires_grad_()
+    bet = ref[0].bias.detach().double().repeat(8, 1).requires_grad_()
+    F.cross_entropy(ref[2].double()(torch.tanh(xhat * gam + bet)), y, reduction="sum").backward()
+    u = torch.stack([gam.grad, bet.grad], dim=-1)[:2]
+    torch.testing.assert_close(block(opt, "0").f.value.double(), torch.einsum("nui,nuj->uij", u, u) / 2,
+                               rtol=1e-4, atol=1e-8)

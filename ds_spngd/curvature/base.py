@@ -12,6 +12,7 @@ On steps that do not refresh factors both hooks return at once, so the non-refre
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class CaptureContext:
         grad_accum_steps: DeepSpeed's gradient_accumulation_steps (the engine divides the loss by it).
         loss_scale: callable giving the current loss scale (1 without fp16).
         track_output: called with every hooked layer output on refresh steps (the MC Fisher's backward targets).
+        sample_fraction: fraction of each micro-batch's examples (the first ⌈f·N⌉) that enter the factors.
     """
 
     collecting: bool = True
@@ -46,6 +48,11 @@ class CaptureContext:
     grad_accum_steps: int = 1
     loss_scale: Callable[[], float] = field(default=lambda: 1.0)
     track_output: Callable[[Tensor], None] | None = None
+    sample_fraction: float = 1.0
+
+    def sample_size(self, n: int) -> int:
+        """Number of leading examples of an n-example micro-batch used for the factors (at least 1)."""
+        return n if self.sample_fraction >= 1.0 else max(1, math.ceil(self.sample_fraction * n))
 
     def accepts_grad(self) -> bool:
         """Whether a gradient seen now belongs to the Fisher estimate (emp: training backward; mc: sampled one)."""
@@ -113,11 +120,12 @@ class FisherBlock(ABC):
             return
         x = inputs[0].detach()
         n = int(x.shape[0])
-        on_grad = self._capture_forward(x, output.detach())
+        m = self.ctx.sample_size(n)
+        on_grad = self._capture_forward(x, m)
 
         def hook(grad: Tensor) -> None:
             if self.ctx.accepts_grad():
-                on_grad(grad.detach(), self.ctx.example_scale(n))
+                on_grad(grad.detach()[:m], self.ctx.example_scale(n))
                 self.fired = True
 
         output.register_hook(hook)
@@ -125,10 +133,11 @@ class FisherBlock(ABC):
             self.ctx.track_output(output)
 
     @abstractmethod
-    def _capture_forward(self, x: Tensor, output: Tensor) -> Callable[[Tensor, float], None]:
-        """Record forward statistics for input x (N × …); return the callback that records G from ∂L/∂output.
+    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float], None]:
+        """Record forward statistics of the first m examples of input x (N × …).
 
-        The callback receives the output gradient (same shape as output) and the per-example scale s.
+        Returns the callback that records G from ∂L/∂output of those m examples (shape m × …) and the per-example
+        scale s. x is the whole micro-batch so that batch statistics (BatchNorm's x̂) are those of the forward pass.
         """
 
     @abstractmethod

@@ -108,9 +108,9 @@ class KroneckerBlock(FisherBlock):
             return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
         return gy.reshape(-1, gy.shape[-1])
 
-    def _capture_forward(self, x: Tensor, output: Tensor) -> Callable[[Tensor, float], None]:
-        rows, t = self.input_rows(x)
-        n = int(x.shape[0])
+    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float], None]:
+        rows, t = self.input_rows(x[:m])
+        n = m
         self.a.add(rows, 1.0, n)  # KFC: A sums over positions
 
         def on_grad(gy: Tensor, scale: float) -> None:

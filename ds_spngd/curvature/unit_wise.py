@@ -74,16 +74,10 @@ class UnitWiseBlock(FisherBlock):
             return F.layer_norm(xf, m.normalized_shape, eps=m.eps)
         assert isinstance(m, _BN)
         use_batch = m.training or m.running_mean is None
-        if use_batch:
-            dims = [d for d in range(xf.dim()) if d != 1]
-            mean = xf.mean(dim=dims, keepdim=True)
-            var = xf.var(dim=dims, unbiased=False, keepdim=True)
-        else:
-            shape = [1, -1] + [1] * (xf.dim() - 2)
-            assert m.running_mean is not None and m.running_var is not None
-            mean = m.running_mean.float().reshape(shape)
-            var = m.running_var.float().reshape(shape)
-        return (xf - mean) * torch.rsqrt(var + m.eps)
+        # the native kernel without affine parameters: batch statistics (biased variance) or the running ones
+        running_mean = None if use_batch or m.running_mean is None else m.running_mean.float()
+        running_var = None if use_batch or m.running_var is None else m.running_var.float()
+        return F.batch_norm(xf, running_mean, running_var, None, None, use_batch, 0.0, m.eps)
 
     def unit_rows(self, xhat: Tensor, gy: Tensor) -> Tensor:
         """Per-example unit gradients u: U × N × k from x̂ and the per-example output gradient (both like x)."""
@@ -102,9 +96,9 @@ class UnitWiseBlock(FisherBlock):
         u = torch.stack([gg, gb], dim=-1) if self.k == 2 else gg.unsqueeze(-1)
         return u.transpose(0, 1)  # U × N × k
 
-    def _capture_forward(self, x: Tensor, output: Tensor) -> Callable[[Tensor, float], None]:
-        xhat = self.normalized_input(x)
-        n = int(x.shape[0])
+    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float], None]:
+        xhat = self.normalized_input(x)[:m]
+        n = m
 
         def on_grad(gy: Tensor, scale: float) -> None:
             self.f.add(self.unit_rows(xhat, gy), scale * scale, n)
