@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["SPNGDConfig", "SPNGDConfigError", "parse_spngd_params"]
 
@@ -77,6 +77,17 @@ class SPNGDConfig(BaseModel):
     momentum_correction: bool = True
     loss_reduction: Literal["mean", "sum"] = "mean"
     skip_modules: tuple[str, ...] = ()
+
+    @field_validator(
+        "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
+        "inv_update_steps", "kl_clip", mode="before",
+    )
+    @classmethod
+    def _no_bool_numbers(cls, v: Any) -> Any:
+        # pydantic's lax mode reads JSON true/false as 1/0; a boolean where a number belongs is a config mistake
+        if isinstance(v, bool):
+            raise ValueError("expected a number, got a boolean")
+        return v
 
     def model_post_init(self, __context: Any) -> None:  # noqa: D401 - pydantic hook
         if self.inv_update_steps % self.factor_update_steps != 0:

@@ -140,10 +140,14 @@ def initialize(
     if model is None:
         raise ValueError("SP-NGD needs the model (its layers get curvature hooks): pass model=...")
     _check_supported(ds_config)
-    spngd_cfg = parse_spngd_params(ds_config["optimizer"].get("params"))
-    unknown = set(ds_config["optimizer"]) - {"type", "params"}
-    if unknown:
-        raise SPNGDConfigError(f"invalid SP-NGD config: optimizer.{sorted(unknown)[0]}: unknown key")
+    unknown = sorted(set(ds_config["optimizer"]) - {"type", "params"})
+    unknown_lines = [f"  optimizer.{k}: unknown key (the optimizer section takes 'type' and 'params')" for k in unknown]
+    try:
+        spngd_cfg = parse_spngd_params(ds_config["optimizer"].get("params"))
+    except SPNGDConfigError as err:
+        raise SPNGDConfigError("\n".join([str(err), *unknown_lines])) from None
+    if unknown_lines:
+        raise SPNGDConfigError("invalid SP-NGD config:\n" + "\n".join(unknown_lines))
     if "gradient_clipping" not in ds_config:
         ds_config["gradient_clipping"] = 0.0
         logger.info("SP-NGD: gradient_clipping not set; using 0 (DeepSpeed's default 1.0 would rescale gradients)")

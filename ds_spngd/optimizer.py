@@ -8,8 +8,9 @@ Per optimizer step t (Osawa et al. CVPR 2019, arXiv:1811.12019 §3–4; TPAMI 20
 3. each preconditioned block's gradient g becomes ĝ = F̂⁻¹ g; parameters without a block keep g;
 4. optional KL-clipping (Ba et al. ICLR 2017): ĝ ← ν·ĝ, ν = min(1, sqrt(κ / (η² Σ_l ĝ_l·g_l)));
 5. heavy-ball momentum with the weight decay added after preconditioning (as torch.optim.SGD adds it):
-   d = ĝ + wd·w;  v ← m·c_t·v + η_t·d;  w ← w − v, with c_t = η_t/η_{t−1} (momentum correction, Goyal et al. 2017,
-   arXiv:1706.02677 §2.1) or 1 when ``momentum_correction`` is off;
+   d = ĝ + wd·w. With ``momentum_correction`` (Goyal et al. 2017, arXiv:1706.02677 §2.1) the velocity is
+   v_t = η_t·u_t with u ← m·u + d (torch.optim.SGD's buffer), i.e. v ← m·(η_t/η_{t−1})·v + η_t·d, well defined
+   when η_{t−1} = 0; without it v ← m·v + η_t·d. In both cases w ← w − v;
 6. optional weight rescaling (SP-NGD): each preconditioned Linear/Conv2d weight with ‖W‖_F > sqrt(2·d_out) is
    rescaled to that norm.
 
@@ -208,6 +209,9 @@ class SPNGD(torch.optim.Optimizer):
         norms = torch._foreach_norm(grads)
         if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
             return
+        for b in self.blocks:  # this batch's statistics are as suspect as its gradients: drop them
+            for f in b.factors:
+                f.take_local()
         for gi, g in enumerate(self.param_groups):
             for pi, p in enumerate(g["params"]):
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -219,9 +223,6 @@ class SPNGD(torch.optim.Optimizer):
 
     def _update_group(self, gi: int, group: dict[str, Any], nat: dict[tuple[int, int], Tensor]) -> None:
         lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
-        prev_lr = float(group.get("prev_lr", lr))
-        corr = lr / prev_lr if (self.cfg.momentum_correction and prev_lr > 0.0) else 1.0
-        group["prev_lr"] = lr
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -234,11 +235,18 @@ class SPNGD(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = d.mul(lr)
-            else:
-                buf.mul_(m * corr).add_(d, alpha=lr)
-            p.sub_(buf.to(p.dtype))
+            if self.cfg.momentum_correction:  # u ← m·u + d; w ← w − η·u  (v = η·u: corrected heavy ball)
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(m).add_(d)
+                p.add_(buf.to(p.dtype), alpha=-lr)
+            else:  # v ← m·v + η·d; w ← w − v
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.mul(lr)
+                else:
+                    buf.mul_(m).add_(d, alpha=lr)
+                p.sub_(buf.to(p.dtype))
 
     def _rescale_weights(self) -> None:
         for i, b in enumerate(self.blocks):
@@ -274,17 +282,25 @@ class SPNGD(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's contract plus SP-NGD's blocks; the blocks are checked before anything is modified.
+
+        Raises:
+            ValueError: the checkpoint's Fisher blocks do not match this model's (names listed).
+        """
         sd = dict(state_dict)
         extra = sd.pop("spngd", None)
+        if extra is not None:
+            saved = extra["blocks"]
+            names = {b.name for b in self.blocks}
+            if set(saved) != names:
+                raise ValueError(
+                    f"checkpoint Fisher blocks {sorted(saved)} do not match the model's {sorted(names)} "
+                    f"(missing: {sorted(names - set(saved))}, unexpected: {sorted(set(saved) - names)})")
         super().load_state_dict(sd)
         if extra is None:
             return
-        saved = extra["blocks"]
-        names = {b.name for b in self.blocks}
-        if set(saved) != names:
-            raise ValueError(f"checkpoint Fisher blocks {sorted(saved)} do not match the model's {sorted(names)}")
         for b in self.blocks:
-            b.load_state_dict(saved[b.name])
+            b.load_state_dict(extra["blocks"][b.name])
         self.steps = int(extra["steps"])
         self.ctx.collecting = self.steps % self.cfg.factor_update_steps == 0
 

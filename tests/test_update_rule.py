@@ -187,14 +187,17 @@ def test_hand_formula_velocity(correction: bool) -> None:
         assert max_gap > 1e-3
 
 
-def test_velocity_holds_lr_times_direction() -> None:
+@pytest.mark.parametrize("correction", [True, False])
+def test_momentum_buffer_layout(correction: bool) -> None:
+    """With momentum_correction the buffer is torch SGD's u (= d after one step); without it, v = η·d."""
     torch.manual_seed(4)
     m = EmbNet()
-    opt = SPNGD(m.parameters(), model=m, config={"lr": 0.2, "momentum": 0.9, "skip_modules": ["head"]})
+    opt = SPNGD(m.parameters(), model=m, config={"lr": 0.2, "momentum": 0.9, "skip_modules": ["head"],
+                                                 "momentum_correction": correction})
     _fwd_bwd(m, _emb_batches(1)[0])
     grad = m.emb.weight.grad.clone()
     opt.step()
-    torch.testing.assert_close(opt.state[m.emb.weight]["momentum_buffer"], 0.2 * grad)
+    torch.testing.assert_close(opt.state[m.emb.weight]["momentum_buffer"], grad if correction else 0.2 * grad)
 
 
 # ---- (b) the report --------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ class FisherBlock(ABC):
         self.fired = False
         self._handle: RemovableHandle | None = None
         self._inverse: tuple[Tensor, ...] | None = None
+        self._method = "inverse"
 
     @property
     @abstractmethod
@@ -158,16 +159,29 @@ class FisherBlock(ABC):
         return self._inverse is not None
 
     def state_dict(self) -> dict[str, object]:
-        """Committed factors (inverses are rebuilt from them after loading)."""
-        return {f.name: f.state_dict() for f in self.factors}
+        """Committed factors and the preconditioner in use (between inversions it is older than the factors, so a
+        resumed run must not rebuild it from them)."""
+        state: dict[str, object] = {f.name: f.state_dict() for f in self.factors}
+        state["preconditioner"] = None if self._inverse is None else [t.clone() for t in self._inverse]
+        state["method"] = self._method
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore factors saved by :meth:`state_dict`; the preconditioner is rebuilt at the next step."""
+        """Restore factors and preconditioner saved by :meth:`state_dict`.
+
+        Raises:
+            KeyError: a factor is missing from the checkpoint.
+        """
         for f in self.factors:
             if f.name not in state:
                 raise KeyError(f"checkpoint has no factor {f.name}")
             f.load_state_dict(state[f.name])  # type: ignore[arg-type]
-        self._inverse = None
+        inv = state.get("preconditioner")
+        if inv is not None and not (isinstance(inv, (list, tuple)) and all(isinstance(t, Tensor) for t in inv)):
+            raise ValueError(f"{self.name}: checkpoint preconditioner must be a list of tensors")
+        self._inverse = None if inv is None else tuple(t.float().clone() for t in inv)
+        if state.get("method") is not None:
+            self._method = str(state["method"])
 
     @abstractmethod
     def describe(self) -> str:

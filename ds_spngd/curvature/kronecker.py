@@ -69,7 +69,6 @@ class KroneckerBlock(FisherBlock):
         d_in = int(w[0].numel()) + (1 if self.has_bias else 0)
         self.a = SymmetricFactor(f"{name}.A", d_in)
         self.g = SymmetricFactor(f"{name}.G", self.d_out)
-        self._method = "inverse"
 
     @property
     def factors(self) -> list[SymmetricFactor]:
