@@ -1,0 +1,50 @@
+"""End-to-end: ``deepspeed --num_gpus 2 train.py`` for each shipped optimizer config (slow; marker ``launcher``).
+
+Each launch costs ~20-40 s on a 2-core CPU machine (the first one also JIT-builds DeepSpeed's shm comm op).
+Run with ``pytest -m launcher``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deepspeed() -> str:
+    found = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    if not Path(found).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    return found
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("name", ["sgd", "lamb", "spngd"])
+def test_train_three_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
+    config = ROOT / "ds_configs" / f"{name}.json"
+    if not config.exists():
+        pytest.fail(f"{config} is missing")
+    if name == "lamb" and not torch.cuda.is_available():
+        pytest.skip("DeepSpeed's Lamb is FusedLamb, a CUDA op (0.19.8 raises 'not implemented on CPU backend')")
+    out = tmp_path / name
+    cmd = [_deepspeed(), "--num_gpus", "2", "--master_port", str(29500 + (os.getpid() % 400)), "train.py",
+           "--deepspeed_config", str(config), "--max-steps", "3", "--model", "cnn", "--global-batch", "256",
+           "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 3 and result["world_size"] == 2 and result["global_batch"] == 256
+    assert result["final_loss"] is not None and math.isfinite(result["final_loss"])
+    assert 0.0 <= result["test_top1"] <= 1.0
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert rows[0] == "step,samples,loss,lr,wall_time_s" and len(rows) == 4
+    assert rows[-1].startswith("3,768,")

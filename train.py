@@ -1,0 +1,226 @@
+"""Reference DeepSpeed training script for ds_spngd (MNIST by default, or an image folder).
+
+Usage::
+
+    deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/spngd.json [--model cnn] [--epochs E]
+        [--global-batch B] [--target-acc 0.985] [--stop-at-target] [--eval-interval K] [--data-path DIR]
+        [--image-size S] [--val-fraction F] [--out-dir runs/NAME] [--seed S] [--max-steps N]
+
+The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_config` (global batch override,
+``batch_scaling`` LR rule, ``"auto"`` scheduler fields) and handed to ``ds_spngd.initialize``. Each optimizer step
+runs ``gradient_accumulation_steps`` micro-batches of ``forward -> engine.backward -> engine.step``. Test top-1 is
+evaluated every ``--eval-interval`` optimizer steps (default: once per epoch) and at the end, sharded over ranks;
+evaluation time is excluded from the reported training wall time. Rank 0 writes ``steps.csv`` and ``result.json`` to
+``--out-dir`` and prints a result table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import ds_spngd
+from ds_spngd.data.image_folder import BatchSource, discover, load_image_folder
+from ds_spngd.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
+from ds_spngd.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
+from ds_spngd.models import MODEL_NAMES, build_model
+from ds_spngd.run_log import RunResult, StepLog, format_table, write_result
+from ds_spngd.schedules.scaling import batch_layout, resolve_config
+
+EVAL_BATCH = 1000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line (DeepSpeed's ``--deepspeed_config`` etc. are added by ``deepspeed.add_config_arguments``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
+    p.add_argument("--epochs", type=float, default=5.0, help="training length in epochs (may be fractional)")
+    p.add_argument("--global-batch", type=int, default=None, help="override train_batch_size (samples per step)")
+    p.add_argument("--target-acc", type=float, default=None, help="report steps/time to this test top-1 (0..1)")
+    p.add_argument("--stop-at-target", action="store_true", help="stop once --target-acc is reached")
+    p.add_argument("--eval-interval", type=int, default=None, help="evaluate every K optimizer steps (default: epoch)")
+    p.add_argument("--data-path", default=None, help="image folder (root/train + root/val, or root/<class>)")
+    p.add_argument("--image-size", type=int, default=224, help="crop side for --data-path images")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a single-folder --data-path")
+    p.add_argument("--out-dir", default=None, help="output folder (default runs/<config>_<model>_b<B>_w<world>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if args.deepspeed_config is None:
+        p.error("--deepspeed_config is required")
+    if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
+        p.error(f"--target-acc must lie in (0, 1], got {args.target_acc}")
+    for name in ("epochs", "global_batch", "eval_interval", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return args
+
+
+SourceFactory = Callable[[BatchPlan], tuple[BatchSource, BatchSource]]
+
+
+def open_data(args: argparse.Namespace) -> tuple[int, SourceFactory, int, int, int]:
+    """Open MNIST or ``--data-path`` before the batch layout is known.
+
+    Returns:
+        ``(n_train, make_sources, num_classes, in_channels, image_size)``; ``make_sources(plan)`` gives the
+        ``(train, test)`` batch sources for a :class:`BatchPlan`.
+    """
+    if args.data_path is None:
+        mnist = load_mnist()
+
+        def mnist_sources(plan: BatchPlan) -> tuple[BatchSource, BatchSource]:
+            return TensorBatches(mnist.train_x, mnist.train_y, plan), TensorBatches(mnist.test_x, mnist.test_y, plan)
+
+        return len(mnist.train_y), mnist_sources, NUM_CLASSES, IMAGE_SHAPE[0], IMAGE_SHAPE[1]
+    splits = discover(args.data_path, args.val_fraction, args.seed)
+
+    def folder_sources(plan: BatchPlan) -> tuple[BatchSource, BatchSource]:
+        train, val, _ = load_image_folder(args.data_path, plan, image_size=args.image_size,
+                                          val_fraction=args.val_fraction)  # fmt: skip
+        return train, val
+
+    return len(splits.train_files), folder_sources, len(splits.classes), 3, args.image_size
+
+
+def average_buffers(model: nn.Module, world: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks so every rank evaluates one model."""
+    if world == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, source: BatchSource, dtype: torch.dtype, world: int) -> float:
+    """Top-1 accuracy in [0, 1] over the whole evaluation set (each rank its shard; counts all-reduced)."""
+    engine.eval()
+    average_buffers(engine.module, world)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in source.eval_batches(EVAL_BATCH):
+        logits = engine(x.to(engine.device, dtype=dtype))
+        counts[0] += (logits.argmax(dim=1).cpu() == y.cpu()).sum().item()
+        counts[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    engine.train()
+    if counts[1] == 0:
+        raise RuntimeError("the evaluation set is empty")
+    return float(counts[0] / counts[1])
+
+
+def main(argv: list[str] | None = None) -> RunResult:
+    args = parse_args(argv)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if not torch.cuda.is_available():  # DeepSpeed gives every CPU rank all cores: avoid oversubscription
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+    config_path = Path(args.deepspeed_config)
+    raw = json.loads(config_path.read_text(encoding="utf-8"))
+    args.deepspeed_config = None  # the dict below is the config; DeepSpeed refuses both
+    global_batch = args.global_batch or batch_layout(raw, world)[0]
+    n_train, make_sources, num_classes, in_channels, image_size = open_data(args)
+    spe = steps_per_epoch(n_train, global_batch)
+    config = resolve_config(raw, global_batch, spe, args.epochs, world_size=world)
+    global_batch, micro, gas = batch_layout(config, world)
+    plan = BatchPlan(rank=rank, world=world, micro_batch=micro, gas=gas, seed=args.seed)
+    train_src, test_src = make_sources(plan)
+    spe = train_src.steps_per_epoch
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, num_classes, in_channels, image_size=image_size)
+    engine, _, _, _ = ds_spngd.initialize(args=args, model=model, model_parameters=model.parameters(), config=config)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+    total_steps = math.ceil(args.epochs * spe)
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    eval_interval = args.eval_interval or spe
+    name = args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}"
+    out_dir = Path(name)
+    optimizer_type = str(config.get("optimizer", {}).get("type", "client"))
+    settings = {"model": args.model, "optimizer": optimizer_type, "config": str(config_path), "world_size": world,
+                "global_batch": global_batch, "micro_batch": micro, "gradient_accumulation_steps": gas,
+                "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+
+    log = StepLog(out_dir / "steps.csv", enabled=rank == 0)
+    bar = tqdm(total=total_steps, disable=rank != 0, desc=f"{optimizer_type} {args.model}", unit="step")
+    monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
+    train_time, loss_value, acc = 0.0, float("nan"), float("nan")
+    reached: tuple[int, float, float] | None = None
+    batches = train_src.epoch(0)
+    step = 0
+    while step < total_steps:
+        epoch = step // spe
+        if step % spe == 0 and step > 0:
+            batches = train_src.epoch(epoch)
+        t0 = time.perf_counter()
+        lr = float(engine.get_lr()[0])
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for micro_idx in range(gas):
+            x, y = next(batches)
+            loss = F.cross_entropy(engine(x.to(engine.device, dtype=dtype)), y.to(engine.device))
+            engine.backward(loss)
+            loss_sum += loss.detach().double().cpu()
+            if micro_idx == gas - 1:  # before the boundary step: agree on finiteness across ranks
+                if world > 1:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                loss_value = float(loss_sum) / (gas * world)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"non-finite training loss {loss_value} at optimizer step {step + 1} (epoch {epoch}); "
+                        "stopped before applying the update"
+                    )
+            engine.step()
+        step += 1
+        train_time += time.perf_counter() - t0
+        log.write(step, step * global_batch, loss_value, lr, train_time)
+        if monitor is not None:
+            monitor.write_events([("Train/loss", loss_value, engine.global_samples)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.4f}")
+
+        if step % eval_interval == 0 or step == total_steps:
+            acc = evaluate(engine, test_src, dtype, world)
+            if monitor is not None:
+                monitor.write_events([("Test/top1", acc, engine.global_samples)])
+            if args.target_acc is not None and reached is None and acc >= args.target_acc:
+                reached = (step, train_time, step / spe)
+                if args.stop_at_target:
+                    break
+    bar.close()
+    log.close()
+
+    result = RunResult(
+        epochs=step / spe, steps=step, wall_time_s=train_time, test_top1=acc, final_loss=loss_value,
+        target_acc=args.target_acc, steps_to_target=reached[0] if reached else None,
+        time_to_target_s=reached[1] if reached else None, epochs_to_target=reached[2] if reached else None,
+    )  # fmt: skip
+    if rank == 0:
+        write_result(out_dir / "result.json", result, extra=settings)
+        print(format_table(result, extra={k: str(v) for k, v in settings.items()}), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
