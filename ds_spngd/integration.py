@@ -29,6 +29,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.utils import log_dist
 
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
 from ds_spngd.optimizer import SPNGD
@@ -173,4 +174,5 @@ def initialize(
         spngd.suspended = False
     spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
     spngd.process_group = getattr(engine, "data_parallel_group", None)
+    log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
     return engine, ds_opt, loader, scheduler

@@ -88,8 +88,7 @@ class SPNGD(torch.optim.Optimizer):
         self.suspended = False
         self._reported_silent = False
         self.last_stats: dict[str, float] = {}
-        if _is_rank0():
-            logger.info(self.report())
+        logger.debug("%s", self.report())
 
     # ---- reporting --------------------------------------------------------------------------------------------
     def report(self) -> str:

@@ -412,3 +412,27 @@ def test_factor_sample_fraction_batchnorm_uses_full_batch_statistics() -> None:
     u = torch.stack([gam.grad, bet.grad], dim=-1)[:2]
     torch.testing.assert_close(block(opt, "0").f.value.double(), torch.einsum("nui,nuj->uij", u, u) / 2,
                                rtol=1e-4, atol=1e-8)
+
+
+def test_mc_fisher_rejects_non_logit_outputs() -> None:
+    """fisher_type "mc" samples labels from softmax(logits): a model returning N × C × L is refused clearly."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (3, 2)))
+    opt = SPNGD(model.parameters(), model=model, config={"fisher_type": "mc"})
+    with pytest.raises(ValueError, match=r"logits of shape N x classes, got \(5, 3, 2\)"):
+        model(torch.randn(5, 4))
+    opt.remove_hooks()
+    model(torch.randn(5, 4))  # hooks gone: the model is as it was
+
+
+def test_mc_backward_leaves_training_gradients_alone() -> None:
+    """The sampled-label backward feeds the factors only: p.grad is the training loss's gradient."""
+    model = linear_model(True)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(14)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    SPNGD(model.parameters(), model=model, config={"fisher_type": "mc"})
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
