@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> RunResult:
                 "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
 
     log = StepLog(out_dir / "steps.csv", enabled=rank == 0)
-    bar = tqdm(total=total_steps, disable=rank != 0, desc=f"{optimizer_type} {args.model}", unit="step")
+    desc = f"{optimizer_type} {args.model}"
+    bar = tqdm(total=total_steps, disable=rank != 0, desc=desc, unit="step", mininterval=1.0)
     monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
     train_time, loss_value, acc = 0.0, float("nan"), float("nan")
     reached: tuple[int, float, float] | None = None
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         if monitor is not None:
             monitor.write_events([("Train/loss", loss_value, engine.global_samples)])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.4f}", refresh=False)
 
         if step % eval_interval == 0 or step == total_steps:
             acc = evaluate(engine, test_src, dtype, world)

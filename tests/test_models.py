@@ -71,12 +71,12 @@ def test_mlp_structure_and_input_check() -> None:
 
 def test_models_train_one_step() -> None:
     torch.manual_seed(0)
-    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     for name in ("mlp", "cnn"):
         model = build_model(name, 10, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = nn.functional.cross_entropy(model(x), y)
-        for _ in range(5):
+        for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
