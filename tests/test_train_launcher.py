@@ -6,13 +6,16 @@ Run with ``pytest -m launcher``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -48,3 +51,45 @@ def test_train_three_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
     rows = (out / "steps.csv").read_text().splitlines()
     assert rows[0] == "step,samples,loss,lr,wall_time_s" and len(rows) == 4
     assert rows[-1].startswith("3,768,")
+
+
+def _load_train_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ds_spngd_train_script", ROOT / "train.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def single_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment of a 1-rank launch, so train.main() can run inside pytest."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.launcher
+def test_non_finite_loss_stops_before_the_update(
+    single_rank_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = _load_train_module()
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(logits, target)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    out = tmp_path / "nan"
+    argv = ["--deepspeed_config", str(ROOT / "ds_configs" / "sgd.json"), "--model", "mlp", "--global-batch", "64",
+            "--max-steps", "4", "--out-dir", str(out)]  # fmt: skip
+    with pytest.raises(FloatingPointError, match="optimizer step 2 "):
+        train.main(argv)
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("1,64,")  # step 1 logged, step 2 never completed
