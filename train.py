@@ -5,6 +5,7 @@ Usage::
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/spngd.json [--model cnn] [--epochs E]
         [--global-batch B] [--target-acc 0.985] [--stop-at-target] [--eval-interval K] [--data-path DIR]
         [--image-size S] [--val-fraction F] [--out-dir runs/NAME] [--seed S] [--max-steps N]
+        [--bn-recalib-batches K]
 
 The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_config` (global batch override,
 ``batch_scaling`` LR rule, ``"auto"`` scheduler fields) and handed to ``ds_spngd.initialize``. Each optimizer step
@@ -21,7 +22,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from ds_spngd.run_log import RunResult, StepLog, format_table, write_result
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 EVAL_BATCH = 1000
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="output folder (default runs/<config>_<model>_b<B>_w<world>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--bn-recalib-batches", type=int, default=0,
+                   help="before each evaluation, recompute BatchNorm statistics on this rank's last K training "
+                        "micro-batches (precise BN); 0 keeps DeepSpeed/PyTorch's running EMA")  # fmt: skip
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--deepspeed_config is required")
     if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
         p.error(f"--target-acc must lie in (0, 1], got {args.target_acc}")
+    if args.bn_recalib_batches < 0:
+        p.error(f"--bn-recalib-batches must be >= 0, got {args.bn_recalib_batches}")
     for name in ("epochs", "global_batch", "eval_interval", "max_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -110,8 +118,35 @@ def average_buffers(model: nn.Module, world: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, source: BatchSource, dtype: torch.dtype, world: int) -> float:
-    """Top-1 accuracy in [0, 1] over the whole evaluation set (each rank its shard; counts all-reduced)."""
+def recalibrate_bn(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Precise BatchNorm statistics (Wu & Johnson 2021, arXiv:2105.07576): replace each BN layer's running mean/var
+    by their plain average over ``batches`` (recent training inputs, already on the model's device and dtype) under
+    the current weights, instead of the EMA that lags behind fast-moving weights. Weights are not changed."""
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
+    if not bns or not batches:
+        return
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    for x in batches:
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any, source: BatchSource, dtype: torch.dtype, world: int, recent: Sequence[torch.Tensor] = ()
+) -> float:
+    """Top-1 accuracy in [0, 1] over the whole evaluation set (each rank its shard; counts all-reduced).
+
+    With ``recent`` training inputs, BatchNorm statistics are first recomputed on them (:func:`recalibrate_bn`);
+    either way they are then averaged over ranks so every rank evaluates the same model."""
+    recalibrate_bn(engine.module, recent)
     engine.eval()
     average_buffers(engine.module, world)
     counts = torch.zeros(2, dtype=torch.float64)
@@ -161,7 +196,8 @@ def main(argv: list[str] | None = None) -> RunResult:
     optimizer_type = str(config.get("optimizer", {}).get("type", "client"))
     settings = {"model": args.model, "optimizer": optimizer_type, "config": str(config_path), "world_size": world,
                 "global_batch": global_batch, "micro_batch": micro, "gradient_accumulation_steps": gas,
-                "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
+                "bn_recalib_batches": args.bn_recalib_batches}  # fmt: skip
 
     log = StepLog(out_dir / "steps.csv", enabled=rank == 0)
     desc = f"{optimizer_type} {args.model}"
@@ -169,6 +205,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
     train_time, loss_value, acc = 0.0, float("nan"), float("nan")
     reached: tuple[int, float, float] | None = None
+    recent: deque[torch.Tensor] = deque(maxlen=args.bn_recalib_batches)
     batches = train_src.epoch(0)
     step = 0
     while step < total_steps:
@@ -180,7 +217,10 @@ def main(argv: list[str] | None = None) -> RunResult:
         loss_sum = torch.zeros(1, dtype=torch.float64)
         for micro_idx in range(gas):
             x, y = next(batches)
-            loss = F.cross_entropy(engine(x.to(engine.device, dtype=dtype)), y.to(engine.device))
+            x = x.to(engine.device, dtype=dtype)
+            if args.bn_recalib_batches:
+                recent.append(x)
+            loss = F.cross_entropy(engine(x), y.to(engine.device))
             engine.backward(loss)
             loss_sum += loss.detach().double().cpu()
             if micro_idx == gas - 1:  # before the boundary step: agree on finiteness across ranks
@@ -202,7 +242,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.4f}", refresh=False)
 
         if step % eval_interval == 0 or step == total_steps:
-            acc = evaluate(engine, test_src, dtype, world)
+            acc = evaluate(engine, test_src, dtype, world, recent)
             if monitor is not None:
                 monitor.write_events([("Test/top1", acc, engine.global_samples)])
             if args.target_acc is not None and reached is None and acc >= args.target_acc:

@@ -93,3 +93,25 @@ def test_non_finite_loss_stops_before_the_update(
         train.main(argv)
     rows = (out / "steps.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("1,64,")  # step 1 logged, step 2 never completed
+
+
+def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
+    train = _load_train_module()
+    from ds_spngd.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    model.eval()
+    batches = [torch.randn(16, 1, 28, 28) * (i + 1) + i for i in range(3)]
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert first_bn.running_mean is not None
+    first_bn.running_mean.fill_(123.0)
+    train.recalibrate_bn(model, batches)
+    with torch.no_grad():
+        expected = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in batches]).mean(0)
+    assert first_bn.running_mean is not None and torch.allclose(first_bn.running_mean, expected, atol=1e-5)
+    assert first_bn.momentum == 0.1 and not model.training  # settings restored
+    weights = [p.clone() for p in model.parameters()]
+    train.recalibrate_bn(model, [])
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
