@@ -4,7 +4,8 @@ Per optimizer step t (Osawa et al. CVPR 2019, arXiv:1811.12019 §3–4; TPAMI 20
 
 1. on factor-refresh steps (t mod factor_update_steps = 0) the factors captured by the module hooks during this
    step's forward/backward passes are reduced over data-parallel ranks and folded into their running averages;
-2. on inversion steps (t mod inv_update_steps = 0) every block recomputes its damped inverse/eigendecomposition;
+2. on inversion steps (t mod inv_update_steps = 0) every block's damped inverse/eigendecomposition is recomputed by
+   one owner rank (LPT on d³, :mod:`ds_spngd.comm.assignment`) and broadcast to the others;
 3. each preconditioned block's gradient g becomes ĝ = F̂⁻¹ g; parameters without a block keep g;
 4. optional KL-clipping (Ba et al. ICLR 2017): ĝ ← ν·ĝ, ν = min(1, sqrt(κ / (η² Σ_l ĝ_l·g_l)));
 5. heavy-ball momentum with the weight decay added after preconditioning (as torch.optim.SGD adds it):
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ds_spngd.comm.assignment import Assignment
 from ds_spngd.comm.collectives import reduce_factors, world_size
+from ds_spngd.comm.inversion import distributed_update, plan_owners
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.registry import build_blocks
@@ -84,6 +87,7 @@ class SPNGD(torch.optim.Optimizer):
         if cfg.fisher_type == "mc":
             self.ctx.track_output = self._mc_outputs.append
             self._mc_handle = model.register_forward_hook(self._mc_hook)
+        self._owners: Assignment | None = None  # inversion owners, planned at the first inversion
         self.steps = 0
         self.suspended = False
         self._reported_silent = False
@@ -146,9 +150,13 @@ class SPNGD(torch.optim.Optimizer):
                     logger.warning(
                         "SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
                         "until they do", len(silent), ", ".join(b.name for b in silent))
-        for b in self.blocks:  # also (re)builds blocks that have factors but no preconditioner (first use, resume)
-            if all(f.value is not None for f in b.factors) and (invert or not b.has_preconditioner):
-                b.update_preconditioner(cfg.damping, cfg.inverse_method)
+        # also (re)builds blocks that have factors but no preconditioner (first use, hooks that fired late)
+        todo = [all(f.value is not None for f in b.factors) and (invert or not b.has_preconditioner)
+                for b in self.blocks]
+        if any(todo):
+            if self._owners is None:
+                self._owners = plan_owners(self.blocks, self.process_group)
+            distributed_update(self.blocks, todo, self._owners, cfg.damping, cfg.inverse_method, self.process_group)
 
     def _preconditioned(self) -> dict[tuple[int, int], Tensor]:
         """ĝ for every parameter of a block with a preconditioner, KL-clipped when configured."""

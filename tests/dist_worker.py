@@ -19,7 +19,7 @@ from torch import nn
 
 import ds_spngd
 
-GLOBAL_BATCH = 16
+GLOBAL_BATCH = 24
 
 
 def make_model() -> nn.Module:

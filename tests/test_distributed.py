@@ -59,7 +59,9 @@ CASES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[torch.Tensor]]:
     base = tmp_path_factory.mktemp("dist")
-    return {world: launch(world, CASES, base / f"w{world}") for world in (1, 2)}
+    runs = {world: launch(world, CASES, base / f"w{world}") for world in (1, 2)}
+    runs[3] = launch(3, CASES[:3], base / "w3")  # odd world: inversion owners split 2/1/1 ways
+    return runs
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
@@ -67,12 +69,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
     torch.testing.assert_close(a, b, rtol=0.0, atol=rtol * scale)
 
 
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", [0, 1, 2])
-def test_two_ranks_equal_one_rank_fp32(runs: dict, case: int) -> None:
-    """2 ranks × half batch (and × gas) == 1 rank × whole batch, every step."""
+def test_ranks_equal_one_rank_fp32(runs: dict, case: int, world: int) -> None:
+    """w ranks × 1/w of the batch (and × gas) == 1 rank × whole batch, every step; inversions spread over ranks."""
     ref = runs[1][0] if CASES[case]["inverse_method"] == "inverse" else runs[1][case]
     # eigen: fp32 eigh of factors summed in another order is ~1e-5 off after 5 momentum steps
-    _close(ref, runs[2][case], 1e-5 if CASES[case]["inverse_method"] == "inverse" else 5e-5)
+    _close(ref, runs[world][case], 1e-5 if CASES[case]["inverse_method"] == "inverse" else 5e-5)
 
 
 def test_accumulation_equals_big_micro_batch_fp32(runs: dict) -> None:

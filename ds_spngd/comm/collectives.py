@@ -22,7 +22,7 @@ from torch import Tensor
 from ds_spngd.comm.packing import pack_symmetric, unpack_symmetric
 from ds_spngd.curvature.factor import SymmetricFactor
 
-__all__ = ["world_size", "all_reduce_sum", "reduce_factors", "factor_traffic_bytes"]
+__all__ = ["world_size", "rank", "all_reduce_sum", "broadcast", "reduce_factors", "factor_traffic_bytes"]
 
 
 def _ds_comm() -> Any | None:
@@ -38,6 +38,26 @@ def world_size(group: Any = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 when no process group is initialized)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
+def broadcast(t: Tensor, src: int, group: Any = None) -> Tensor:
+    """In-place broadcast of ``t`` from group rank ``src`` (a no-op on one rank); returns ``t``."""
+    if world_size(group) == 1:
+        return t
+    src_global = src if group is None else dist.get_global_rank(group, src)
+    ds = _ds_comm()
+    if ds is not None:
+        ds.broadcast(t, src=src_global, group=group)
+    else:
+        dist.broadcast(t, src=src_global, group=group)
+    return t
 
 
 def all_reduce_sum(t: Tensor, group: Any = None) -> Tensor:

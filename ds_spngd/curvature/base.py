@@ -150,6 +150,32 @@ class FisherBlock(ABC):
         """
 
     @abstractmethod
+    def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
+        """Shapes of the tensors :meth:`update_preconditioner` produces for ``method`` (what an owner sends)."""
+
+    def preconditioner_tensors(self) -> list[Tensor]:
+        """The current preconditioner's tensors (fp32), in :meth:`preconditioner_shapes` order.
+
+        Raises:
+            RuntimeError: before the first update_preconditioner.
+        """
+        if self._inverse is None:
+            raise RuntimeError(f"{self.name}: no preconditioner yet")
+        return list(self._inverse)
+
+    def load_preconditioner(self, tensors: list[Tensor], method: str) -> None:
+        """Install a preconditioner computed by the block's owner rank.
+
+        Raises:
+            ValueError: when the shapes differ from :meth:`preconditioner_shapes`.
+        """
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != self.preconditioner_shapes(method):
+            raise ValueError(f"{self.name}: preconditioner shapes {shapes} != {self.preconditioner_shapes(method)}")
+        self._inverse = tuple(tensors)
+        self._method = method
+
+    @abstractmethod
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         """Return the natural-gradient direction F̂⁻¹ g for this block's parameter gradients (same shapes, fp32)."""
 

@@ -138,6 +138,12 @@ class KroneckerBlock(FisherBlock):
             raise FloatingPointError(f"{self.name}: {err}") from None
         self._method = method
 
+    def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
+        da, dg = self.a.dim, self.g.dim
+        if method == "inverse":
+            return [(da, da), (dg, dg)]
+        return [(da, da), (dg, dg), (dg, da)]
+
     def grad_matrix(self, grads: list[Tensor]) -> Tensor:
         """[∇W | ∇b] as a d_out × d_A fp32 matrix."""
         gw = grads[0].float().reshape(self.d_out, -1)

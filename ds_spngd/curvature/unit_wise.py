@@ -113,6 +113,9 @@ class UnitWiseBlock(FisherBlock):
             raise FloatingPointError(f"{self.name}: factor contains NaN or Inf")
         self._inverse = (damped_inverse_small(self.f.value, damping),)
 
+    def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
+        return [(self.units, self.k, self.k)]
+
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         if self._inverse is None:
             raise RuntimeError(f"{self.name}: precondition() before the first update_preconditioner()")
