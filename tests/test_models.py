@@ -42,22 +42,23 @@ def test_resnet_block_starts_as_identity_branch() -> None:
 
 def test_mnist_models_output_logits() -> None:
     x = torch.randn(5, 1, 28, 28)
-    for name in ("mlp", "cnn"):
+    for name in ("mlp", "cnn", "cnn4"):
         out = build_model(name, num_classes=10, in_channels=1)(x)
         assert out.shape == (5, 10) and out.dtype == torch.float32
 
 
-def test_cnn_kfac_input_dimensions_stay_small() -> None:
-    model = build_model("cnn", 10, 1)
+@pytest.mark.parametrize(("name", "expected"), [("cnn", [9, 288, 576, 129]), ("cnn4", [9, 288, 576, 576, 129])])
+def test_cnn_kfac_input_dimensions_stay_small(name: str, expected: list[int]) -> None:
+    model = build_model(name, 10, 1)
     dims = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             dims.append(m.in_channels * m.kernel_size[0] * m.kernel_size[1] + (m.bias is not None))
         elif isinstance(m, nn.Linear):
             dims.append(m.in_features + 1)
-    assert dims == [9, 288, 576, 129]
+    assert dims == expected
     assert max(dims) <= 600
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(expected) - 1
 
 
 def test_mlp_structure_and_input_check() -> None:
@@ -84,9 +85,9 @@ def test_models_train_one_step() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ValueError, match="valid names: mlp, cnn, resnet18, resnet50"):
+    with pytest.raises(ValueError, match="valid names: mlp, cnn, cnn4, resnet18, resnet50"):
         build_model("vgg", 10, 1)
     with pytest.raises(ValueError, match="positive"):
         build_model("cnn", 0, 1)
-    assert set(MODEL_NAMES) == {"mlp", "cnn", "resnet18", "resnet50"}
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "cnn4", "resnet18", "resnet50"}
     assert isinstance(build_model("CNN", 10, 1), nn.Module)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ds_spngd.models.cnn import SmallCNN
+from ds_spngd.models.cnn import CNN4_BLOCKS, SmallCNN
 from ds_spngd.models.mlp import MLP
 from ds_spngd.models.resnet import ResNet, resnet18, resnet50
 
@@ -21,6 +21,10 @@ def _cnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return SmallCNN(num_classes=num_classes, in_channels=in_channels)
 
 
+def _cnn4(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels, blocks=CNN4_BLOCKS)
+
+
 def _resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return resnet18(num_classes=num_classes, in_channels=in_channels)
 
@@ -32,6 +36,7 @@ def _resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
 _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
+    "cnn4": _cnn4,
     "resnet18": _resnet18,
     "resnet50": _resnet50,
 }
@@ -42,7 +47,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int =
     """Build a model that maps ``(N, in_channels, image_size, image_size)`` images to ``(N, num_classes)`` logits.
 
     Args:
-        name: one of ``mlp``, ``cnn``, ``resnet18``, ``resnet50`` (case-insensitive).
+        name: one of ``mlp``, ``cnn``, ``cnn4``, ``resnet18``, ``resnet50`` (case-insensitive).
         num_classes: number of output classes (> 0).
         in_channels: image channels (> 0).
         image_size: square input side in pixels; only the MLP's input width depends on it.
