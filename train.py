@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
     train_time, loss_value, acc = 0.0, float("nan"), float("nan")
     reached: tuple[int, float, float] | None = None
+    evals: list[tuple[int, float, float]] = []
     recent: deque[torch.Tensor] = deque(maxlen=args.bn_recalib_batches)
     batches = train_src.epoch(0)
     step = 0
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> RunResult:
 
         if step % eval_interval == 0 or step == total_steps:
             acc = evaluate(engine, test_src, dtype, world, recent)
+            evals.append((step, train_time, acc))
             if monitor is not None:
                 monitor.write_events([("Test/top1", acc, engine.global_samples)])
             if args.target_acc is not None and reached is None and acc >= args.target_acc:
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         epochs=step / spe, steps=step, wall_time_s=train_time, test_top1=acc, final_loss=loss_value,
         target_acc=args.target_acc, steps_to_target=reached[0] if reached else None,
         time_to_target_s=reached[1] if reached else None, epochs_to_target=reached[2] if reached else None,
+        evals=tuple(evals),
     )  # fmt: skip
     if rank == 0:
         write_result(out_dir / "result.json", result, extra=settings)

@@ -72,6 +72,7 @@ class RunResult:
         steps_to_target: first evaluated step with ``test_top1 >= target_acc``, or ``None`` (not reached).
         time_to_target_s: training wall time (s) at that step, or ``None``.
         epochs_to_target: epochs at that step, or ``None``.
+        evals: every evaluation as ``(step, training wall time s, test top-1)``, in order.
     """
 
     epochs: float
@@ -83,12 +84,14 @@ class RunResult:
     steps_to_target: int | None = None
     time_to_target_s: float | None = None
     epochs_to_target: float | None = None
+    evals: tuple[tuple[int, float, float], ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain dict for ``result.json`` (non-finite floats become ``None`` so the JSON stays standard)."""
         out: dict[str, Any] = {}
         for key, value in asdict(self).items():
             out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+        out["evals"] = [list(e) for e in self.evals]
         return out
 
 

@@ -56,7 +56,8 @@ def test_table_reports_target_reached_and_not() -> None:
 
 
 def test_result_json_round_trip(tmp_path: Path) -> None:
-    result = RunResult(epochs=0.06, steps=3, wall_time_s=1.2, test_top1=0.11, final_loss=float("nan"))
+    result = RunResult(epochs=0.06, steps=3, wall_time_s=1.2, test_top1=0.11, final_loss=float("nan"),
+                       evals=((3, 1.2, 0.11),))  # fmt: skip
     path = tmp_path / "out" / "result.json"
     write_result(path, result, extra={"model": "cnn", "world_size": 2})
     data = json.loads(path.read_text())
@@ -64,3 +65,4 @@ def test_result_json_round_trip(tmp_path: Path) -> None:
     assert data["final_loss"] is None  # NaN is not valid JSON
     assert data["steps_to_target"] is None and data["target_acc"] is None
     assert math.isclose(data["test_top1"], 0.11)
+    assert data["evals"] == [[3, 1.2, 0.11]]
