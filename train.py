@@ -4,8 +4,8 @@ Usage::
 
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/spngd.json [--model cnn] [--epochs E]
         [--global-batch B] [--target-acc 0.985] [--stop-at-target] [--eval-interval K] [--data-path DIR]
-        [--image-size S] [--val-fraction F] [--out-dir runs/NAME] [--seed S] [--max-steps N]
-        [--bn-recalib-batches K]
+        [--image-size S] [--image-backend auto|dali|pil] [--val-fraction F] [--out-dir runs/NAME] [--seed S]
+        [--max-steps N] [--bn-recalib-batches K]
 
 The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_config` (global batch override,
 ``batch_scaling`` LR rule, ``"auto"`` scheduler fields) and handed to ``ds_spngd.initialize``. Each optimizer step
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate every K optimizer steps (default: epoch)")
     p.add_argument("--data-path", default=None, help="image folder (root/train + root/val, or root/<class>)")
     p.add_argument("--image-size", type=int, default=224, help="crop side for --data-path images")
+    p.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),
+                   help="decoder for --data-path: DALI when importable (auto), or force one")  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a single-folder --data-path")
     p.add_argument("--out-dir", default=None, help="output folder (default runs/<config>_<model>_b<B>_w<world>)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +103,7 @@ def open_data(args: argparse.Namespace) -> tuple[int, SourceFactory, int, int, i
 
     def folder_sources(plan: BatchPlan) -> tuple[BatchSource, BatchSource]:
         train, val, _ = load_image_folder(args.data_path, plan, image_size=args.image_size,
-                                          val_fraction=args.val_fraction)  # fmt: skip
+                                          val_fraction=args.val_fraction, backend=args.image_backend)  # fmt: skip
         return train, val
 
     return len(splits.train_files), folder_sources, len(splits.classes), 3, args.image_size
