@@ -109,6 +109,27 @@ def open_data(args: argparse.Namespace) -> tuple[int, SourceFactory, int, int, i
     return len(splits.train_files), folder_sources, len(splits.classes), 3, args.image_size
 
 
+def check_buffer_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
+    """Refuse low-precision runs whose floating buffers were left in another dtype.
+
+    DeepSpeed 0.19.8 casts only parameters for bf16/fp16 and keeps buffers (BatchNorm running statistics) as loaded
+    unless ``"data_types": {"buffer_dtype": ...}`` is set; BatchNorm then fails at the first forward with
+    "expected scalar type BFloat16 but found Float".
+
+    Raises:
+        ValueError: naming the first mismatched buffer and the config key that fixes it.
+    """
+    if dtype == torch.float32:
+        return
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != dtype:
+            short = "bf16" if dtype == torch.bfloat16 else "fp16"
+            raise ValueError(
+                f"buffer {name} is {buf.dtype} but the model runs in {dtype}: DeepSpeed casts only parameters; add "
+                f'"data_types": {{"buffer_dtype": "{short}"}} to the DeepSpeed config'
+            )
+
+
 def average_buffers(model: nn.Module, world: int) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks so every rank evaluates one model."""
     if world == 1:
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     model = build_model(args.model, num_classes, in_channels, image_size=image_size)
     engine, _, _, _ = ds_spngd.initialize(args=args, model=model, model_parameters=model.parameters(), config=config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    check_buffer_dtypes(engine.module, dtype)
 
     total_steps = math.ceil(args.epochs * spe)
     if args.max_steps is not None:

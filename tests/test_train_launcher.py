@@ -115,3 +115,16 @@ def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
     weights = [p.clone() for p in model.parameters()]
     train.recalibrate_bn(model, [])
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_check_buffer_dtypes_names_the_fix() -> None:
+    train = _load_train_module()
+    from ds_spngd.models import SmallCNN
+
+    model = SmallCNN()
+    train.check_buffer_dtypes(model, torch.float32)
+    for p in model.parameters():  # what DeepSpeed 0.19.8 does for bf16: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    with pytest.raises(ValueError, match='running_mean is torch.float32 .* "buffer_dtype": "bf16"'):
+        train.check_buffer_dtypes(model, torch.bfloat16)
+    train.check_buffer_dtypes(model.to(torch.bfloat16), torch.bfloat16)
