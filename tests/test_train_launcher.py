@@ -125,6 +125,6 @@ def test_check_buffer_dtypes_names_the_fix() -> None:
     train.check_buffer_dtypes(model, torch.float32)
     for p in model.parameters():  # what DeepSpeed 0.19.8 does for bf16: parameters only
         p.data = p.data.to(torch.bfloat16)
-    with pytest.raises(ValueError, match='running_mean is torch.float32 .* "buffer_dtype": "bf16"'):
+    with pytest.raises(ValueError, match='running_mean is torch.float32 .*"buffer_dtype": "bf16"'):
         train.check_buffer_dtypes(model, torch.bfloat16)
     train.check_buffer_dtypes(model.to(torch.bfloat16), torch.bfloat16)
