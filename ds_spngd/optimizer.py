@@ -174,7 +174,8 @@ class SPNGD(torch.optim.Optimizer):
             out.update(zip(self._positions[i], nat, strict=True))
         if self.cfg.kl_clip is not None and out:
             lr = self.param_groups[0]["lr"]
-            nu = 1.0 if vg <= 0.0 else min(1.0, math.sqrt(self.cfg.kl_clip / (lr * lr * vg)))
+            # lr = 0 (a warmup's first step) moves nothing: no clipping needed, and ν's formula would divide by 0
+            nu = 1.0 if vg <= 0.0 or lr == 0.0 else min(1.0, math.sqrt(self.cfg.kl_clip / (lr * lr * vg)))
             self.last_stats["kl_clip_nu"] = nu
             if nu < 1.0:
                 for v in out.values():

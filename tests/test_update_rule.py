@@ -497,3 +497,17 @@ def test_never_fired_module_gets_sgd_update(caplog: pytest.LogCaptureFixture) ->
     assert not blocks["unused"].has_preconditioner and not blocks["functional"].has_preconditioner
     warnings = [r.getMessage() for r in caplog.records if "never fired" in r.getMessage()]
     assert len(warnings) == 1 and "unused" in warnings[0] and "functional" in warnings[0]
+
+
+def test_kl_clip_with_zero_learning_rate() -> None:
+    """WarmupLR/WarmupDecayLR start at lr 0: KL-clipping must not divide by η² = 0 (it crashed the main job)."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SPNGD(model.parameters(), model=model, config={"lr": 0.1, "kl_clip": 1e-2})
+    opt.param_groups[0]["lr"] = 0.0
+    nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+    opt.step()
+    assert opt.last_stats["kl_clip_nu"] == 1.0
+    for p, q in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), q)
