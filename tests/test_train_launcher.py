@@ -31,7 +31,7 @@ def _deepspeed() -> str:
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("name", ["sgd", "lamb", "spngd"])
+@pytest.mark.parametrize("name", ["sgd", "lamb", "spngd", "spngd_bf16"])
 def test_train_three_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
     config = ROOT / "ds_configs" / f"{name}.json"
     if not config.exists():
