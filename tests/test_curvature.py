@@ -293,12 +293,17 @@ def test_batchnorm2d_unit_wise_matches_dense(fisher_type: str) -> None:
     torch.testing.assert_close(got, -expected, rtol=2e-4, atol=1e-6)
 
 
-def test_batchnorm1d_unit_wise_factor() -> None:
-    torch.manual_seed(7)
-    bn = nn.BatchNorm1d(4)
-    head = nn.Linear(4, 3)
+def bn1d_model(seed: int, channels: int, classes: int) -> nn.Sequential:
+    """BatchNorm1d → tanh → frozen Linear head: only the BN block is preconditioned."""
+    torch.manual_seed(seed)
+    head = nn.Linear(channels, classes)
     head.requires_grad_(False)
-    model = nn.Sequential(bn, nn.Tanh(), head)
+    return nn.Sequential(nn.BatchNorm1d(channels), nn.Tanh(), head)
+
+
+def test_batchnorm1d_unit_wise_factor() -> None:
+    model = bn1d_model(7, 4, 3)
+    bn = model[0]
     x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
     ref = copy.deepcopy(model)
     opt, _, _ = run_one_step(model, x, y)
@@ -397,11 +402,8 @@ def test_factor_sample_fraction_uses_leading_examples() -> None:
 
 
 def test_factor_sample_fraction_batchnorm_uses_full_batch_statistics() -> None:
-    torch.manual_seed(12)
-    bn = nn.BatchNorm1d(3)
-    head = nn.Linear(3, 2)
-    head.requires_grad_(False)
-    model = nn.Sequential(bn, nn.Tanh(), head)
+    model = bn1d_model(12, 3, 2)
+    bn = model[0]
     x, y = torch.randn(8, 3) * 3 + 2, torch.randint(0, 2, (8,))
     ref = copy.deepcopy(model)
     opt, _, _ = run_one_step(model, x, y, factor_sample_fraction=0.25)

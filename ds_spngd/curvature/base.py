@@ -87,7 +87,16 @@ class FisherBlock(ABC):
 
     kind: str = "block"
 
+    @staticmethod
+    @abstractmethod
+    def unsupported_reason(module: nn.Module) -> str | None:
+        """None when this block kind can precondition ``module``, else why not (shown in the fallback report)."""
+
     def __init__(self, name: str, module: nn.Module, ctx: CaptureContext) -> None:
+        """Raises: ValueError naming the module when this block kind does not support it."""
+        reason = self.unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"{name}: {reason}")
         self.name = name
         self.module = module
         self.ctx = ctx

@@ -56,11 +56,10 @@ class KroneckerBlock(FisherBlock):
 
     kind = "kronecker"
 
+    unsupported_reason = staticmethod(kronecker_supported)
+
     def __init__(self, name: str, module: nn.Module, ctx: CaptureContext) -> None:
         super().__init__(name, module, ctx)
-        reason = kronecker_supported(module)
-        if reason is not None:
-            raise ValueError(f"{name}: {reason}")
         self.is_conv = isinstance(module, nn.Conv2d)
         w = module.weight
         assert isinstance(w, Tensor)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
-from ds_spngd.curvature.kronecker import KroneckerBlock, kronecker_supported
-from ds_spngd.curvature.unit_wise import UnitWiseBlock, unit_wise_supported
+from ds_spngd.curvature.kronecker import KroneckerBlock
+from ds_spngd.curvature.unit_wise import UnitWiseBlock
 
 __all__ = ["BlockPlan", "build_blocks"]
 
@@ -60,7 +60,7 @@ def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], ski
         if frozen:
             plan.fallback.append((label, f"frozen parameter(s) {frozen}"))
             continue
-        k_reason, u_reason = kronecker_supported(module), unit_wise_supported(module)
+        k_reason, u_reason = KroneckerBlock.unsupported_reason(module), UnitWiseBlock.unsupported_reason(module)
         if k_reason is None:
             plan.blocks.append(KroneckerBlock(label, module, ctx))
         elif u_reason is None:

@@ -47,11 +47,10 @@ class UnitWiseBlock(FisherBlock):
 
     kind = "unit_wise"
 
+    unsupported_reason = staticmethod(unit_wise_supported)
+
     def __init__(self, name: str, module: nn.Module, ctx: CaptureContext) -> None:
         super().__init__(name, module, ctx)
-        reason = unit_wise_supported(module)
-        if reason is not None:
-            raise ValueError(f"{name}: {reason}")
         w = module.weight
         assert isinstance(w, Tensor)
         self.units = int(w.numel())
