@@ -1,7 +1,7 @@
 """Per-step time of SP-NGD over momentum SGD on the same model, batch and data (side by side, interleaved).
 
 Usage:
-    python benchmarks/step_time.py [--config ds_configs/spngd.json] [--model cnn] [--batch 512] [--repeats 5]
+    python benchmarks/step_time.py [--config ds_configs/spngd.json] [--model cnn4] [--batch 512] [--repeats 5]
 
 Each repeat times one window of SGD steps and one window of SP-NGD steps on the same inputs (the window is a
 multiple of the config's factor_update_steps and inv_update_steps, so it holds the amortized share of factor
@@ -39,7 +39,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="ds_configs/spngd.json")
-    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--model", default="cnn4")
     ap.add_argument("--batch", type=int, default=512, help="examples per step (one rank's micro-batch)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
