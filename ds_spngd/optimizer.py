@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ds_spngd.comm.assignment import Assignment
-from ds_spngd.comm.collectives import reduce_factors, world_size
+from ds_spngd.comm.collectives import rank, reduce_factors, world_size
 from ds_spngd.comm.inversion import distributed_update, plan_owners
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
@@ -145,14 +145,13 @@ class SPNGD(torch.optim.Optimizer):
             reduce_factors(factors, cfg.factor_decay, self.process_group)
             if not self._reported_silent:
                 self._reported_silent = True
-                silent = [b for b in self.blocks if any(f.value is None for f in b.factors)]
-                if silent and _is_rank0():
+                silent = [b for b in self.blocks if not b.has_factors]
+                if silent and rank() == 0:
                     logger.warning(
                         "SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
                         "until they do", len(silent), ", ".join(b.name for b in silent))
         # also (re)builds blocks that have factors but no preconditioner (first use, hooks that fired late)
-        todo = [all(f.value is not None for f in b.factors) and (invert or not b.has_preconditioner)
-                for b in self.blocks]
+        todo = [b.has_factors and (invert or not b.has_preconditioner) for b in self.blocks]
         if any(todo):
             if self._owners is None:
                 self._owners = plan_owners(self.blocks, self.process_group)
@@ -319,9 +318,3 @@ class SPNGD(torch.optim.Optimizer):
         if self._mc_handle is not None:
             self._mc_handle.remove()
             self._mc_handle = None
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -189,6 +189,11 @@ class FisherBlock(ABC):
         """Return the natural-gradient direction F̂⁻¹ g for this block's parameter gradients (same shapes, fp32)."""
 
     @property
+    def has_factors(self) -> bool:
+        """True once every factor has a committed (globally reduced) value."""
+        return all(f.value is not None for f in self.factors)
+
+    @property
     def has_preconditioner(self) -> bool:
         """True once update_preconditioner has run on committed factors."""
         return self._inverse is not None
