@@ -292,3 +292,8 @@ def main(argv: list[str] | None = None) -> RunResult:
 
 if __name__ == "__main__":
     main()
+    # tear the process group down explicitly: left to interpreter exit, gloo ranks sometimes abort
+    # ("terminate called without an active exception") after all work is done, failing the launcher
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

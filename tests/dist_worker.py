@@ -74,6 +74,10 @@ def main() -> None:
         history = run_case(case, rank, world)
         if rank == 0:
             torch.save(torch.stack(history), os.path.join(out, f"{i}.pt"))
+    # an explicit teardown: leaving the process group to interpreter exit sometimes aborted the process
+    # ("terminate called without an active exception", SIGABRT) after all results were written
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
