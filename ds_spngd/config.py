@@ -58,6 +58,18 @@ class SPNGDConfig(BaseModel):
             ``"sum"``. Used to recover per-example gradients for G from the gradient of the reduced loss.
         skip_modules: module names (as in ``model.named_modules()``; a name matches itself and its children) that are
             left to the plain momentum-SGD update.
+        precondition_mode: where the preconditioning happens (the spirit of KAISA's grad_worker_fraction,
+            Pauloski et al. 2021): ``"comm_opt"`` = each block's owner inverts and broadcasts the inverses on inversion
+            steps, every rank preconditions every block (least traffic between inversions); ``"mem_opt"`` = the owner
+            keeps the inverses, preconditions its blocks and broadcasts the preconditioned gradients every step
+            (SP-NGD's scheme, Osawa et al. 2019 §4: inverses held once across the ranks).
+        comm_dtype: dtype of the packed factor payload: ``"auto"`` (fp32 on gloo, bf16 on NCCL), ``"fp32"``,
+            ``"bf16"`` or ``"fp16"`` (fp16 has a 65504 range: a factor mean beyond it is reported as non-finite).
+        bucket_cap_mb: factors are reduced in buckets of at most this many MiB of payload (a larger factor travels
+            alone).
+        overlap_comm: launch each bucket's reduction asynchronously from the hooks as soon as its factors are final
+            (A after the forward, G during the backward); the step waits on it only when it needs the factors.
+            False launches everything at the step.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -77,10 +89,14 @@ class SPNGDConfig(BaseModel):
     momentum_correction: bool = True
     loss_reduction: Literal["mean", "sum"] = "mean"
     skip_modules: tuple[str, ...] = ()
+    precondition_mode: Literal["comm_opt", "mem_opt"] = "comm_opt"
+    comm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    bucket_cap_mb: float = Field(4.0, gt=0.0)
+    overlap_comm: bool = True
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
-        "inv_update_steps", "kl_clip", mode="before",
+        "inv_update_steps", "kl_clip", "bucket_cap_mb", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:

@@ -12,10 +12,15 @@ passed to deepspeed.initialize untouched. For SPNGD the wrapper
   built (:class:`ds_spngd.config.SPNGDConfigError` names the key);
 * sets ``gradient_clipping`` to 0 when the JSON does not set it: DeepSpeed 0.19.8 defaults to clipping at norm 1.0,
   which would silently rescale the gradient before preconditioning;
-* refuses configurations whose math is not supported yet (ZeRO stages ≥ 1, fp16) with a message saying why;
+* refuses what is not supported with a message saying why: ZeRO stage 3, and fp16 at stage 0 (DeepSpeed 0.19.8's
+  stage-0 fp16 wrapper under-steps non-scale-invariant optimizers); ZeRO 1/2 (fp32, bf16, fp16) are supported and
+  ``zero_allow_untested_optimizer`` is set for them;
 * builds :class:`ds_spngd.SPNGD` on the raw model (its hooks must be registered before DeepSpeed wraps the model) and
   hands it to deepspeed.initialize as a client optimizer, so DeepSpeed's JSON ``scheduler``, monitors, bf16 and
-  checkpoints work as usual.
+  checkpoints work as usual;
+* then glues SP-NGD to the engine (:func:`attach`): the data-parallel group and ZeRO partitions, the fp16 loss scale,
+  overflow-skipped steps (statistics dropped, nothing else touched), per-rank SP-NGD checkpoint shards next to
+  DeepSpeed's files, and per-step timings/bytes written to DeepSpeed's monitor.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import argparse
 import copy
 import json
 import logging
+import glob
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -67,19 +75,28 @@ def is_spngd_config(ds_config: dict[str, Any]) -> bool:
     return isinstance(section, dict) and str(section.get("type", "")).lower() == "spngd"
 
 
-def _check_supported(ds_config: dict[str, Any]) -> None:
+def _zero_stage(ds_config: dict[str, Any]) -> int:
     zero = ds_config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-    if stage != 0:
-        raise SPNGDConfigError(
-            f"zero_optimization.stage={stage} is not supported by SP-NGD yet: under ZeRO the optimizer sees flat "
-            "gradient partitions, not layers. Use stage 0 (ZeRO 1/2 support is planned)."
-        )
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def _fp16(ds_config: dict[str, Any]) -> bool:
     fp16 = ds_config.get("fp16") or {}
-    if isinstance(fp16, dict) and fp16.get("enabled", False):
+    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
+
+
+def _check_supported(ds_config: dict[str, Any]) -> None:
+    stage = _zero_stage(ds_config)
+    if stage not in (0, 1, 2):
         raise SPNGDConfigError(
-            "fp16.enabled=true is not supported by SP-NGD yet: DeepSpeed 0.19.8's stage-0 fp16 wrapper divides the "
-            "update by the loss scale without scaling the loss, which under-steps SP-NGD. Use bf16 or fp32."
+            f"zero_optimization.stage={stage} is not supported by SP-NGD: stage 3 partitions the parameters "
+            "themselves, so no rank holds a layer's weight to precondition. Use stage 1 or 2 (or 0)."
+        )
+    if _fp16(ds_config) and stage == 0:
+        raise SPNGDConfigError(
+            "fp16.enabled=true with ZeRO stage 0 is not supported: DeepSpeed 0.19.8's stage-0 fp16 wrapper divides "
+            "the update by the loss scale without scaling the loss, which under-steps SP-NGD. Use fp16 with ZeRO "
+            "stage 1 or 2, or bf16 / fp32 at any stage."
         )
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         v = ds_config.get(key)
@@ -156,6 +173,8 @@ def initialize(
         logger.warning("SP-NGD: gradient_clipping=%s clips the raw gradient before preconditioning; kl_clip is the "
                        "natural-gradient analogue", ds_config["gradient_clipping"])
     del ds_config["optimizer"]
+    if _zero_stage(ds_config) in (1, 2):
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
 
     params = list(model.parameters() if model_parameters is None else model_parameters)
     spngd = SPNGD(params, model=model, config=spngd_cfg)
@@ -172,7 +191,103 @@ def initialize(
         )
     finally:
         spngd.suspended = False
-    spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
-    spngd.process_group = getattr(engine, "data_parallel_group", None)
+    attach(engine, spngd, fp16=_fp16(ds_config))
     log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
     return engine, ds_opt, loader, scheduler
+
+
+SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
+
+
+def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
+    """Glue an SP-NGD optimizer to a DeepSpeed engine built with it (done by :func:`initialize`).
+
+    * data-parallel group, ZeRO partitions and gradient accumulation;
+    * fp16: the hooks divide by the engine's current loss scale;
+    * ``engine.step``: a step DeepSpeed skipped (fp16 overflow) drops this step's factor statistics and leaves
+      factors, preconditioners, momentum and counters as they were; a skipped step without fp16 (NaN/Inf gradients
+      under ZeRO) raises FloatingPointError; timings and bytes go to ``engine.monitor`` under ``SPNGD/...``;
+    * ``engine.forward`` / ``engine.backward``: timed (``SPNGD/forward_s``, ``SPNGD/backward_s`` per step);
+    * ``engine.save_checkpoint`` / ``load_checkpoint``: every rank also writes / reads its SP-NGD shard
+      (:data:`SHARD_PATTERN` in the tag directory), so state owned by ranks other than 0 survives at every stage.
+    """
+    spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
+    spngd.setup_distributed(getattr(engine, "data_parallel_group", None))
+    if fp16:
+        spngd.set_loss_scale_fn(lambda: float(engine.optimizer.loss_scale))
+    times = {"forward_s": 0.0, "backward_s": 0.0}
+    spngd.engine_times = times
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[name] += time.perf_counter() - t0
+        return run
+
+    engine.forward = timed("forward_s", engine.forward)
+    engine.backward = timed("backward_s", engine.backward)
+    orig_step = engine.step
+
+    def step(*a: Any, **k: Any) -> Any:
+        boundary = engine.is_gradient_accumulation_boundary()
+        before = spngd.steps
+        out = orig_step(*a, **k)
+        if not boundary:
+            return out
+        if spngd.steps == before:  # DeepSpeed skipped the optimizer step
+            spngd.discard_step()
+            if not fp16:
+                raise FloatingPointError(
+                    f"DeepSpeed skipped optimizer step {engine.global_steps}: the gradient norm is NaN/Inf; "
+                    "no parameter was updated")
+        else:
+            _write_events(engine, spngd, times)
+        times["forward_s"] = times["backward_s"] = 0.0
+        return out
+
+    engine.step = step
+    orig_save, orig_load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir: str, tag: Any = None, *a: Any, **k: Any) -> Any:
+        out = orig_save(save_dir, tag, *a, **k)
+        tag_dir = os.path.join(save_dir, str(tag if tag is not None else f"global_step{engine.global_steps}"))
+        os.makedirs(tag_dir, exist_ok=True)
+        torch.save(spngd.spngd_state(), os.path.join(tag_dir, SHARD_PATTERN.format(rank=_rank())))
+        _barrier()
+        return out
+
+    def load_checkpoint(load_dir: str, tag: Any = None, *a: Any, **k: Any) -> Any:
+        out = orig_load(load_dir, tag, *a, **k)
+        path = out[0] if isinstance(out, tuple) else None
+        if path is None or not k.get("load_optimizer_states", True):
+            return out
+        tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
+        files = sorted(glob.glob(os.path.join(tag_dir, "spngd_rank*.pt")))
+        if not files:
+            raise FileNotFoundError(f"checkpoint {tag_dir} has no SP-NGD shards (spngd_rank*.pt); it was not saved "
+                                    "through ds_spngd.initialize's engine")
+        spngd.load_sharded_state([torch.load(f, map_location="cpu", weights_only=False) for f in files])
+        return out
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_events(engine: Any, spngd: SPNGD, times: dict[str, float]) -> None:
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return
+    values = {**times, **spngd.last_stats}
+    monitor.write_events([(f"SPNGD/{k}", float(v), engine.global_samples) for k, v in sorted(values.items())])

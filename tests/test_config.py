@@ -35,6 +35,10 @@ DEFAULTS = {
     "momentum_correction": True,
     "loss_reduction": "mean",
     "skip_modules": (),
+    "precondition_mode": "comm_opt",
+    "comm_dtype": "auto",
+    "bucket_cap_mb": 4.0,
+    "overlap_comm": True,
 }
 
 # a valid non-default value for every public key
@@ -54,6 +58,10 @@ VALID = {
     "momentum_correction": False,
     "loss_reduction": "sum",
     "skip_modules": ["fc1", "block.conv"],
+    "precondition_mode": "mem_opt",
+    "comm_dtype": "bf16",
+    "bucket_cap_mb": 0.5,
+    "overlap_comm": False,
 }
 
 # (key, value of a wrong type)
@@ -78,6 +86,11 @@ WRONG_TYPE = [
     ("skip_modules", 5),
     ("skip_modules", "fc1"),
     ("skip_modules", [1]),
+    ("precondition_mode", 1),
+    ("comm_dtype", 16),
+    ("bucket_cap_mb", "big"),
+    ("bucket_cap_mb", True),
+    ("overlap_comm", "yes please"),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -103,6 +116,10 @@ OUT_OF_RANGE = [
     ("weight_rescale", 2),
     ("momentum_correction", 2),
     ("loss_reduction", "max"),
+    ("precondition_mode", "hybrid"),
+    ("comm_dtype", "fp8"),
+    ("bucket_cap_mb", 0.0),
+    ("bucket_cap_mb", -1.0),
 ]
 
 
@@ -276,25 +293,28 @@ def test_initialize_rejects_bad_params_before_deepspeed(monkeypatch: pytest.Monk
     assert not _has_hooks(model), "SP-NGD hooks were installed although the config was rejected"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_initialize_rejects_zero(monkeypatch: pytest.MonkeyPatch, stage: int) -> None:
+def test_initialize_rejects_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid_deepspeed(monkeypatch)
     model = _tiny_model()
-    cfg = {**_ds_config(), "zero_optimization": {"stage": stage}}
+    cfg = {**_ds_config(), "zero_optimization": {"stage": 3}}
     with pytest.raises(SPNGDConfigError) as err:
         ds_spngd.initialize(model=model, config=cfg)
-    assert f"zero_optimization.stage={stage}" in str(err.value)
+    assert "zero_optimization.stage=3" in str(err.value) and "1 or 2" in str(err.value)
     assert not _has_hooks(model)
 
 
-def test_initialize_rejects_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("zero", [None, {"stage": 0}])
+def test_initialize_rejects_stage0_fp16(monkeypatch: pytest.MonkeyPatch, zero: dict | None) -> None:
+    """DeepSpeed 0.19.8's stage-0 fp16 wrapper divides the update by the loss scale without scaling the loss."""
     _forbid_deepspeed(monkeypatch)
     model = _tiny_model()
     cfg = {**_ds_config(), "fp16": {"enabled": True}}
+    if zero is not None:
+        cfg["zero_optimization"] = zero
     with pytest.raises(SPNGDConfigError) as err:
         ds_spngd.initialize(model=model, config=cfg)
     msg = str(err.value)
-    assert "fp16" in msg and "not supported" in msg and "bf16" in msg
+    assert "fp16" in msg and "stage 0" in msg and "bf16" in msg and "stage 1 or 2" in msg
     assert not _has_hooks(model)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_spngd.comm.collectives import factor_traffic_bytes
+from ds_spngd.comm.factor_reduction import factor_traffic_bytes
 from ds_spngd.comm.packing import pack_symmetric, triu_numel, unpack_symmetric
 from ds_spngd.curvature.factor import SymmetricFactor
 

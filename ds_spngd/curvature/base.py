@@ -13,6 +13,7 @@ On steps that do not refresh factors both hooks return at once, so the non-refre
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class CaptureContext:
         loss_scale: callable giving the current loss scale (1 without fp16).
         track_output: called with every hooked layer output on refresh steps (the MC Fisher's backward targets).
         sample_fraction: fraction of each micro-batch's examples (the first ⌈f·N⌉) that enter the factors.
+        factor_seconds: wall time spent building factors in the hooks since the optimizer last read it (s).
     """
 
     collecting: bool = True
@@ -49,6 +51,7 @@ class CaptureContext:
     loss_scale: Callable[[], float] = field(default=lambda: 1.0)
     track_output: Callable[[Tensor], None] | None = None
     sample_fraction: float = 1.0
+    factor_seconds: float = 0.0
 
     def sample_size(self, n: int) -> int:
         """Number of leading examples of an n-example micro-batch used for the factors (at least 1)."""
@@ -103,6 +106,7 @@ class FisherBlock(ABC):
         self.params: list[nn.Parameter] = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
                                            if p is not None]
         self.fired = False
+        self.precond_ready = False
         self._handle: RemovableHandle | None = None
         self._inverse: tuple[Tensor, ...] | None = None
         self._method = "inverse"
@@ -128,15 +132,19 @@ class FisherBlock(ABC):
             return
         if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
             return
+        t0 = time.perf_counter()
         x = inputs[0].detach()
         n = int(x.shape[0])
         m = self.ctx.sample_size(n)
         on_grad = self._capture_forward(x, m)
+        self.ctx.factor_seconds += time.perf_counter() - t0
 
         def hook(grad: Tensor) -> None:
             if self.ctx.accepts_grad():
+                t1 = time.perf_counter()
                 on_grad(grad.detach()[:m], self.ctx.example_scale(n))
                 self.fired = True
+                self.ctx.factor_seconds += time.perf_counter() - t1
 
         output.register_hook(hook)
         if self.ctx.track_output is not None:
@@ -190,13 +198,24 @@ class FisherBlock(ABC):
 
     @property
     def has_factors(self) -> bool:
-        """True once every factor has a committed (globally reduced) value."""
-        return all(f.value is not None for f in self.factors)
+        """True once every factor has a committed global estimate (identical on every rank; the values themselves
+        live on the block's owner)."""
+        return all(f.committed for f in self.factors)
 
     @property
     def has_preconditioner(self) -> bool:
-        """True once update_preconditioner has run on committed factors."""
+        """True once the block's preconditioner exists somewhere (identical on every rank: with
+        ``precondition_mode="mem_opt"`` only the owner holds it, see :attr:`holds_preconditioner`)."""
+        return self.precond_ready
+
+    @property
+    def holds_preconditioner(self) -> bool:
+        """True when this rank holds the preconditioner's tensors."""
         return self._inverse is not None
+
+    def drop_preconditioner(self) -> None:
+        """Free this rank's copy of the preconditioner (the block stays ready: its owner holds one)."""
+        self._inverse = None
 
     def state_dict(self) -> dict[str, object]:
         """Committed factors and the preconditioner in use (between inversions it is older than the factors, so a
@@ -204,6 +223,7 @@ class FisherBlock(ABC):
         state: dict[str, object] = {f.name: f.state_dict() for f in self.factors}
         state["preconditioner"] = None if self._inverse is None else [t.clone() for t in self._inverse]
         state["method"] = self._method
+        state["ready"] = self.precond_ready
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -222,6 +242,7 @@ class FisherBlock(ABC):
         self._inverse = None if inv is None else tuple(t.float().clone() for t in inv)
         if state.get("method") is not None:
             self._method = str(state["method"])
+        self.precond_ready = bool(state.get("ready", inv is not None))
 
     @abstractmethod
     def describe(self) -> str:

@@ -6,13 +6,17 @@ block). It is built in three stages per factor-update step:
 1. ``add``: each micro-batch's contribution Σ rowsᵀ·rows (times a weight) is summed locally, with the number of
    examples it came from (so the estimate is a per-example average whatever the micro-batch size, gradient
    accumulation or world size);
-2. the local sums and counts are reduced across data-parallel ranks (``comm``);
-3. ``commit``: the reduced sum / count becomes this step's estimate, folded into the running average
+2. the local means are reduced to the factor's owner rank (:mod:`ds_spngd.comm.factor_reduction`);
+3. ``commit`` (owner): the reduced sum / count becomes this step's estimate, folded into the running average
    value ← decay·value + (1 − decay)·estimate (Martens & Grosse 2015 §5; decay 0 keeps the current batch only, as in
-   the SP-NGD recipe, Osawa et al. arXiv:1811.12019).
+   the SP-NGD recipe, Osawa et al. arXiv:1811.12019). Ranks that do not own the factor only ``mark_committed``,
+   so ``version`` (and hence "has this factor been estimated") is identical on every rank while ``value`` lives on
+   the owner alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,18 +31,23 @@ class SymmetricFactor:
         name: for messages, e.g. ``"conv1.A"``.
         dim: d, the side of each block.
         blocks: B, the number of independent blocks (1 for Kronecker factors).
+        final_in: ``"forward"`` when the factor's last contribution of a micro-batch arrives in the forward pass
+            (K-FAC's A), ``"backward"`` otherwise (G, unit-wise blocks): the bucket order of the reduction.
 
     Attributes:
         accum: B × d × d fp32 local sum of this step's contributions, or None when nothing was added.
         count: number of examples behind ``accum`` (this rank).
         value: B × d × d fp32 running average after the last commit, or None before the first.
-        version: increments on each commit (inverses compare it to know they are stale).
+        version: increments on each commit on every rank (owner or not).
+        on_add: called with the factor after every ``add`` (the reducer counts contributions to launch buckets).
     """
 
-    def __init__(self, name: str, dim: int, blocks: int = 1) -> None:
+    def __init__(self, name: str, dim: int, blocks: int = 1, final_in: str = "backward") -> None:
         self.name = name
         self.dim = dim
         self.blocks = blocks
+        self.final_in = final_in
+        self.on_add: Callable[[SymmetricFactor], None] | None = None
         self.accum: Tensor | None = None
         self.count: float = 0.0
         self.value: Tensor | None = None
@@ -75,6 +84,18 @@ class SymmetricFactor:
         else:
             self.accum.baddbmm_(r.transpose(1, 2), r, alpha=weight)
         self.count += n_examples
+        if self.on_add is not None:
+            self.on_add(self)
+
+    @property
+    def committed(self) -> bool:
+        """True once a global estimate was committed (on every rank, owner or not)."""
+        return self.version > 0
+
+    def mark_committed(self, received: bool) -> None:
+        """Non-owner side of :meth:`commit`: keep ``version`` in step with the owner's (no value is held here)."""
+        if received:
+            self.version += 1
 
     def take_local(self) -> tuple[Tensor, float]:
         """Return (local sum, local count) for reduction and clear the accumulator.

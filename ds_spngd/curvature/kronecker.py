@@ -66,7 +66,7 @@ class KroneckerBlock(FisherBlock):
         self.d_out = int(w.shape[0])
         self.has_bias = getattr(module, "bias", None) is not None
         d_in = int(w[0].numel()) + (1 if self.has_bias else 0)
-        self.a = SymmetricFactor(f"{name}.A", d_in)
+        self.a = SymmetricFactor(f"{name}.A", d_in, final_in="forward")
         self.g = SymmetricFactor(f"{name}.G", self.d_out)
 
     @property

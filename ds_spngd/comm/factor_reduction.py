@@ -1,0 +1,241 @@
+"""Bucketed, asynchronous reduction of the curvature factors to the ranks that own them (SP-NGD, Osawa et al.
+arXiv:1811.12019 §4.2: factors travel as packed upper triangles in half precision, overlapped with the backward pass,
+to the one rank that inverts them).
+
+Per factor-refresh step:
+
+1. every ``SymmetricFactor.add`` notifies the reducer; once a factor has received as many contributions as on the
+   first refresh step (the last micro-batch's A after that layer's forward, its G during that layer's backward) it
+   is *final*;
+2. buckets are launched strictly in their planned order, each as soon as it and every earlier bucket are final: the
+   bucket's factors are packed (upper triangle of the local per-example mean, cast to ``comm_dtype``) into one
+   buffer and ``reduce``d asynchronously to the bucket's owner rank;
+3. :meth:`FactorReducer.finish` (from ``optimizer.step``) launches what is left, all-reduces one small vector of
+   "this rank contributed" flags, waits on the handles and lets each owner commit
+   Σ_r mean_r / (number of contributing ranks) — the mean of the ranks' per-example means, which is the global
+   per-example mean whenever the ranks see equally many examples (DeepSpeed's contract: the same micro-batch size on
+   every rank; its gradient average is the same mean of rank means). Non-owners only advance the factors' versions.
+
+Collective order is identical on every rank by construction: the bucket plan depends only on the blocks (module
+order), their owners and the cap, and buckets are launched in plan order; readiness only decides *when*.
+Gradient accumulation adds locally; the reduction happens once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, wait_all, world_size
+from ds_spngd.comm.packing import pack_symmetric, unpack_symmetric
+from ds_spngd.curvature.factor import SymmetricFactor
+
+__all__ = ["Bucket", "plan_buckets", "FactorReducer", "factor_traffic_bytes", "COMM_DTYPES"]
+
+COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Factors reduced together: one owner, one packed buffer, one collective.
+
+    Attributes:
+        owner: group rank that receives the sum.
+        factors: in packing order.
+        numel: payload length Σ B·d(d+1)/2.
+    """
+
+    owner: int
+    factors: list[SymmetricFactor] = field(default_factory=list)
+    numel: int = 0
+
+
+def plan_buckets(factors: Sequence[SymmetricFactor], owners: Sequence[int], cap_numel: int) -> list[Bucket]:
+    """Group factors (given in expected readiness order) into per-owner buckets of at most ``cap_numel`` values.
+
+    One bucket per owner is open at a time; it closes (and takes the next place in the launch sequence) when the
+    next factor would overflow the cap. A factor larger than the cap travels alone. Open buckets are closed at the end
+    in the order of their first factor.
+
+    Args:
+        factors: every factor, in the order their final contributions are expected.
+        owners: owner rank of each factor.
+        cap_numel: bucket capacity in payload elements (≥ 1).
+
+    Returns:
+        The buckets in launch order; every factor appears in exactly one.
+    """
+    if cap_numel < 1:
+        raise ValueError(f"bucket capacity must be at least 1 element, got {cap_numel}")
+    if len(factors) != len(owners):
+        raise ValueError(f"{len(factors)} factors but {len(owners)} owners")
+    sequence: list[Bucket] = []
+    open_: dict[int, Bucket] = {}
+    first_pos: dict[int, int] = {}
+    for pos, (f, o) in enumerate(zip(factors, owners, strict=True)):
+        b = open_.get(o)
+        if b is not None and b.factors and b.numel + f.packed_numel > cap_numel:
+            sequence.append(b)
+            b = None
+        if b is None:
+            b = open_[o] = Bucket(owner=o)
+            first_pos[o] = pos
+        b.factors.append(f)
+        b.numel += f.packed_numel
+    sequence += sorted((b for b in open_.values() if b.factors), key=lambda b: first_pos[b.owner])
+    return sequence
+
+
+def factor_traffic_bytes(factors: Sequence[SymmetricFactor], dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """(packed payload bytes, dense fp32 bytes): what one refresh hands to collectives per rank, packed upper
+    triangles in ``dtype`` vs every factor as a full d×d fp32 matrix (the baseline of a dense all-reduce)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    packed = sum(f.packed_numel for f in factors) * size
+    dense = sum(f.blocks * f.dim * f.dim for f in factors) * 4
+    return packed, dense
+
+
+class FactorReducer:
+    """Owns the factor reduction schedule of one optimizer (see the module docstring).
+
+    Args:
+        factors: every factor of every block.
+        owners: owner group rank of each factor (its block's inversion owner).
+        group: data-parallel process group (None = world).
+        comm_dtype: payload dtype (fp32, bf16 or fp16).
+        bucket_cap_bytes: payload bytes per bucket (a larger factor travels alone).
+        overlap: launch buckets from the hooks as soon as they are final (else all at :meth:`finish`).
+
+    Attributes:
+        stats: figures of the last :meth:`finish` — ``payload_bytes``, ``dense_bytes`` (dense fp32 all-reduce
+            equivalent), ``buckets``, ``buckets_early`` (launched before the step), ``wait_s`` (time blocked on the
+            handles inside the step), ``launch_s`` (packing + launching, partly inside the hooks).
+    """
+
+    def __init__(self, factors: Sequence[SymmetricFactor], owners: Sequence[int], group: Any = None,
+                 comm_dtype: torch.dtype = torch.float32, bucket_cap_bytes: int = 4 << 20,
+                 overlap: bool = True) -> None:
+        if comm_dtype not in COMM_DTYPES.values():
+            raise ValueError(f"unsupported factor comm dtype {comm_dtype}; use one of {list(COMM_DTYPES)}")
+        fwd = [i for i, f in enumerate(factors) if f.final_in == "forward"]
+        bwd = [i for i, f in enumerate(factors) if f.final_in != "forward"][::-1]
+        order = fwd + bwd  # A in forward (module) order, then G / unit-wise factors in backward order
+        self.group = group
+        self.dtype = comm_dtype
+        self.overlap = overlap
+        self.factors = list(factors)
+        self.owner_of = {id(f): o for f, o in zip(factors, owners, strict=True)}
+        elem = torch.empty(0, dtype=comm_dtype).element_size()
+        self.buckets = plan_buckets([factors[i] for i in order], [owners[i] for i in order],
+                                    max(1, bucket_cap_bytes // elem))
+        self._bucket_of = {id(f): k for k, b in enumerate(self.buckets) for f in b.factors}
+        self._expected: dict[int, int] | None = None  # contributions per factor and step, learned at the 1st refresh
+        self._reset()
+        self.stats: dict[str, float] = {}
+        for f in self.factors:
+            f.on_add = self.notify
+
+    def _reset(self) -> None:
+        self._adds: dict[int, int] = {id(f): 0 for f in self.factors}
+        self._final: list[int] = [0] * len(self.buckets)  # final factors per bucket
+        self._next = 0
+        self._flights: list[tuple[Tensor, Any, list[float]]] = []
+        self._launch_s = 0.0
+        self._early = 0
+
+    # ---- launching ----------------------------------------------------------------------------------------------
+    def notify(self, f: SymmetricFactor) -> None:
+        """A contribution was added to ``f`` (called by :meth:`SymmetricFactor.add`)."""
+        key = id(f)
+        self._adds[key] += 1
+        if self._expected is None or not self.overlap:
+            return
+        k = self._bucket_of[key]
+        if k < self._next:
+            raise RuntimeError(
+                f"factor {f.name} received more contributions this step ({self._adds[key]}) than on the first "
+                "refresh step after its bucket was sent; set overlap_comm=false for models whose layers run a "
+                "varying number of times per step")
+        if self._adds[key] == self._expected.get(key, -1):
+            self._final[k] += 1
+            while self._next < len(self.buckets) and self._final[self._next] == len(self.buckets[self._next].factors):
+                self._launch(self._next)
+                self._early += 1
+
+    def _launch(self, k: int) -> None:
+        t0 = time.perf_counter()
+        bucket = self.buckets[k]
+        means, had = [], []
+        for f in bucket.factors:
+            total, count = f.take_local()
+            means.append(total / count if count > 0 else total)
+            had.append(1.0 if count > 0 else 0.0)
+        buf = pack_symmetric(means, dtype=self.dtype)
+        handle = reduce_sum(buf, bucket.owner, self.group, async_op=True)
+        self._flights.append((buf, handle, had))
+        self._next = k + 1
+        self._launch_s += time.perf_counter() - t0
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    def finish(self, decay: float, commit: bool = True) -> None:
+        """Launch the remaining buckets, wait, and commit (owners) / mark (others) every factor.
+
+        Args:
+            decay: running-average decay for :meth:`SymmetricFactor.commit`.
+            commit: False discards this step's statistics (a skipped step) while keeping collectives aligned.
+
+        Raises:
+            FloatingPointError: (owner) naming the factor whose reduced estimate is NaN/Inf; with fp16 payloads the
+                message suggests bf16.
+        """
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        me, world = rank(self.group), world_size(self.group)
+        flags = torch.tensor([x for _, _, had in self._flights for x in had], dtype=torch.float32)
+        t0 = time.perf_counter()
+        all_reduce_sum(flags, self.group)  # number of ranks that contributed to each factor
+        wait_all(h for _, h, _ in self._flights)
+        wait_s = time.perf_counter() - t0
+        pos = 0
+        for bucket, (buf, _, _) in zip(self.buckets, self._flights, strict=True):
+            n_contrib = flags[pos : pos + len(bucket.factors)].tolist()
+            pos += len(bucket.factors)
+            mine = world == 1 or bucket.owner == me
+            totals = unpack_symmetric(buf.float(), [(f.blocks, f.dim) for f in bucket.factors]) if mine else []
+            for j, f in enumerate(bucket.factors):
+                if not commit:
+                    continue
+                if not mine:
+                    f.mark_committed(n_contrib[j] > 0)
+                    continue
+                try:
+                    f.commit(totals[j], n_contrib[j], decay)
+                except FloatingPointError as err:
+                    hint = " (fp16 factor payloads overflow above 65504: use comm_dtype bf16)" \
+                        if self.dtype == torch.float16 else ""
+                    raise FloatingPointError(f"{err}{hint}") from None
+        payload, dense = factor_traffic_bytes(self.factors, self.dtype)
+        self.stats = {"payload_bytes": float(payload if world > 1 else 0), "dense_bytes": float(dense),
+                      "buckets": float(len(self.buckets)), "buckets_early": float(self._early),
+                      "wait_s": wait_s, "launch_s": self._launch_s}
+        if self._expected is None and commit:
+            self._expected = {k: v for k, v in self._adds.items() if v > 0}
+        self._reset()
+
+    def discard(self) -> None:
+        """Drop this step's statistics (overflow or NaN step): collectives still complete so ranks stay aligned."""
+        self.finish(0.0, commit=False)
+
+    @property
+    def in_flight(self) -> bool:
+        """True when buckets were launched since the last finish."""
+        return bool(self._flights)
+
+    def adopt_counts(self, other: FactorReducer) -> None:
+        """Take over the contributions ``other`` counted (re-planning before the first step; same factors)."""
+        self._adds = {k: other._adds.get(k, 0) for k in self._adds}
