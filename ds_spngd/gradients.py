@@ -46,9 +46,11 @@ class DenseGradients:
 
     partitioned = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, positions: list[list[Position]]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, positions: list[list[Position]],
+                 blocks: Sequence[FisherBlock] = ()) -> None:
         self.opt = optimizer
         self.positions = positions
+        self.blocks = blocks
 
     def _param(self, pos: Position) -> Tensor:
         gi, pi = pos
@@ -90,7 +92,9 @@ class DenseGradients:
         for gi, g in enumerate(self.opt.param_groups):
             for pi, p in enumerate(g["params"]):
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    return f"param_groups[{gi}][{pi}] (shape {tuple(p.shape)})"
+                    owner = next((f"{b.name} ({b.kind})" for b, pos in zip(self.blocks, self.positions, strict=False)
+                                  if (gi, pi) in pos), f"param_groups[{gi}][{pi}]")
+                    return f"{owner} (shape {tuple(p.shape)})"
         return "a parameter"
 
     def weight(self, block_index: int) -> list[Tensor]:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
 import logging
-import glob
 import os
 import time
 from collections.abc import Callable

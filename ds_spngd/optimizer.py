@@ -96,7 +96,7 @@ class SPNGD(torch.optim.Optimizer):
             self._mc_handle = model.register_forward_hook(self._mc_hook)
         self._owners: Assignment | None = None  # inversion (and factor) owners
         self.reducer: FactorReducer | None = None
-        self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions)
+        self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks)
         self.setup_distributed(process_group)
         self.steps = 0
         self.suspended = False

@@ -115,6 +115,7 @@ OUT_OF_RANGE = [
     ("kl_clip", -1.0),
     ("weight_rescale", 2),
     ("momentum_correction", 2),
+    ("overlap_comm", 2),
     ("loss_reduction", "max"),
     ("precondition_mode", "hybrid"),
     ("comm_dtype", "fp8"),
@@ -280,7 +281,8 @@ class _Recorder:
         if isinstance(opt, ds_spngd.SPNGD):
             self.suspended_during_call = opt.suspended
         engine = SimpleNamespace(module=kwargs.get("model"), gradient_accumulation_steps=lambda: self.gas,
-                                 data_parallel_group=None)
+                                 data_parallel_group=None, forward=None, backward=None, step=None,
+                                 save_checkpoint=None, load_checkpoint=None)
         return engine, opt, None, None
 
 

@@ -68,7 +68,7 @@ def test_state_dict_layout() -> None:
     assert extra["steps"] == 3 and extra["world_size"] == 1
     assert extra["config"]["lr"] == 0.1
     assert set(extra["blocks"]) == {"fc1", "bn", "fc2"}
-    assert set(extra["blocks"]["fc1"]) == {"fc1.A", "fc1.G", "preconditioner", "method"}
+    assert set(extra["blocks"]["fc1"]) == {"fc1.A", "fc1.G", "preconditioner", "method", "ready"}
     assert len(extra["blocks"]["fc1"]["preconditioner"]) == 2  # (A⁻¹, G⁻¹) of the "inverse" method
     a = extra["blocks"]["fc1"]["fc1.A"]
     assert a["version"] == 3 and a["value"].shape == (1, 7, 7)

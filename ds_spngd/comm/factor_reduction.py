@@ -58,9 +58,8 @@ class Bucket:
 def plan_buckets(factors: Sequence[SymmetricFactor], owners: Sequence[int], cap_numel: int) -> list[Bucket]:
     """Group factors (given in expected readiness order) into per-owner buckets of at most ``cap_numel`` values.
 
-    One bucket per owner is open at a time; it closes (and takes the next place in the launch sequence) when the
-    next factor would overflow the cap. A factor larger than the cap travels alone. Open buckets are closed at the end
-    in the order of their first factor.
+    One bucket per owner is open at a time; it closes when full (or when the next factor would overflow it). A factor
+    larger than the cap travels alone. Buckets are launched in the order their last factor is expected to be final.
 
     Args:
         factors: every factor, in the order their final contributions are expected.
@@ -74,21 +73,21 @@ def plan_buckets(factors: Sequence[SymmetricFactor], owners: Sequence[int], cap_
         raise ValueError(f"bucket capacity must be at least 1 element, got {cap_numel}")
     if len(factors) != len(owners):
         raise ValueError(f"{len(factors)} factors but {len(owners)} owners")
-    sequence: list[Bucket] = []
-    open_: dict[int, Bucket] = {}
-    first_pos: dict[int, int] = {}
+    done: list[tuple[int, Bucket]] = []  # (position of the last factor, bucket)
+    open_: dict[int, tuple[int, Bucket]] = {}
     for pos, (f, o) in enumerate(zip(factors, owners, strict=True)):
-        b = open_.get(o)
-        if b is not None and b.factors and b.numel + f.packed_numel > cap_numel:
-            sequence.append(b)
-            b = None
-        if b is None:
-            b = open_[o] = Bucket(owner=o)
-            first_pos[o] = pos
+        last, b = open_.pop(o, (pos, Bucket(owner=o)))
+        if b.factors and b.numel + f.packed_numel > cap_numel:
+            done.append((last, b))
+            b = Bucket(owner=o)
         b.factors.append(f)
         b.numel += f.packed_numel
-    sequence += sorted((b for b in open_.values() if b.factors), key=lambda b: first_pos[b.owner])
-    return sequence
+        if b.numel >= cap_numel:
+            done.append((pos, b))
+        else:
+            open_[o] = (pos, b)
+    done += list(open_.values())
+    return [b for _, b in sorted(done, key=lambda t: t[0])]
 
 
 def factor_traffic_bytes(factors: Sequence[SymmetricFactor], dtype: torch.dtype = torch.float32) -> tuple[int, int]:
@@ -129,19 +128,21 @@ class FactorReducer:
         self.dtype = comm_dtype
         self.overlap = overlap
         self.factors = list(factors)
-        self.owner_of = {id(f): o for f, o in zip(factors, owners, strict=True)}
+        # keyed by factor name (unique per model; survives copy.deepcopy of a model whose hooks reach the factors)
+        if len({f.name for f in factors}) != len(factors):
+            raise ValueError("factor names must be unique")
         elem = torch.empty(0, dtype=comm_dtype).element_size()
         self.buckets = plan_buckets([factors[i] for i in order], [owners[i] for i in order],
                                     max(1, bucket_cap_bytes // elem))
-        self._bucket_of = {id(f): k for k, b in enumerate(self.buckets) for f in b.factors}
-        self._expected: dict[int, int] | None = None  # contributions per factor and step, learned at the 1st refresh
+        self._bucket_of = {f.name: k for k, b in enumerate(self.buckets) for f in b.factors}
+        self._expected: dict[str, int] | None = None  # contributions per factor and step, learned at the 1st refresh
         self._reset()
         self.stats: dict[str, float] = {}
         for f in self.factors:
             f.on_add = self.notify
 
     def _reset(self) -> None:
-        self._adds: dict[int, int] = {id(f): 0 for f in self.factors}
+        self._adds: dict[str, int] = {f.name: 0 for f in self.factors}
         self._final: list[int] = [0] * len(self.buckets)  # final factors per bucket
         self._next = 0
         self._flights: list[tuple[Tensor, Any, list[float]]] = []
@@ -151,7 +152,7 @@ class FactorReducer:
     # ---- launching ----------------------------------------------------------------------------------------------
     def notify(self, f: SymmetricFactor) -> None:
         """A contribution was added to ``f`` (called by :meth:`SymmetricFactor.add`)."""
-        key = id(f)
+        key = f.name
         self._adds[key] += 1
         if self._expected is None or not self.overlap:
             return

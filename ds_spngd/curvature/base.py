@@ -12,6 +12,7 @@ On steps that do not refresh factors both hooks return at once, so the non-refre
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from abc import ABC, abstractmethod
@@ -107,6 +108,7 @@ class FisherBlock(ABC):
                                            if p is not None]
         self.fired = False
         self.precond_ready = False
+        self._inert = False  # a deep copy (e.g. of a model carrying these hooks) never collects
         self._handle: RemovableHandle | None = None
         self._inverse: tuple[Tensor, ...] | None = None
         self._method = "inverse"
@@ -127,8 +129,18 @@ class FisherBlock(ABC):
             self._handle.remove()
             self._handle = None
 
+    def __deepcopy__(self, memo: dict[int, object]) -> FisherBlock:
+        """Copies come along when a model carrying this block's hooks is deep-copied; they are inert (their hooks do
+        nothing), since no optimizer steps them: build a new optimizer on the copy."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        new._inert = True
+        return new
+
     def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
+        if self._inert or not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
             return
         if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
             return
