@@ -31,7 +31,7 @@ def _deepspeed() -> str:
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("name", ["sgd", "lamb", "spngd", "spngd_bf16"])
+@pytest.mark.parametrize("name", ["sgd", "lamb", "spngd", "spngd_bf16", "spngd_zero2_bf16"])
 def test_train_three_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
     config = ROOT / "ds_configs" / f"{name}.json"
     if not config.exists():
@@ -51,6 +51,29 @@ def test_train_three_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
     rows = (out / "steps.csv").read_text().splitlines()
     assert rows[0] == "step,samples,loss,lr,wall_time_s" and len(rows) == 4
     assert rows[-1].startswith("3,768,")
+
+
+def test_engine_timings_reach_deepspeeds_monitor(tmp_path: Path) -> None:
+    """ZeRO-2 + bf16 through train.py with DeepSpeed's csv_monitor: SP-NGD's per-step timings and bytes arrive."""
+    cfg = json.loads((ROOT / "ds_configs" / "spngd_zero2_bf16.json").read_text())
+    cfg["optimizer"]["params"].update(factor_update_steps=1, inv_update_steps=1)
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "mon"), "job_name": "j"}
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(cfg))
+    cmd = [_deepspeed(), "--num_gpus", "2", "--master_port", str(29100 + (os.getpid() % 400)), "train.py",
+           "--deepspeed_config", str(config), "--max-steps", "3", "--model", "cnn", "--global-batch", "256",
+           "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    mon = tmp_path / "mon" / "j"
+    for name in ("forward_s", "backward_s", "factor_s", "comm_wait_s", "inversion_s", "precondition_s",
+                 "factor_bytes", "factor_dense_bytes", "precondition_bytes"):
+        rows = (mon / f"SPNGD_{name}.csv").read_text().splitlines()
+        assert len(rows) == 1 + 3, name  # header + one row per optimizer step
+        assert all(math.isfinite(float(r.split(",")[1])) for r in rows[1:])
+    ratio = [float(r.split(",")[1]) for r in (mon / "SPNGD_factor_bytes.csv").read_text().splitlines()[1:]]
+    dense = [float(r.split(",")[1]) for r in (mon / "SPNGD_factor_dense_bytes.csv").read_text().splitlines()[1:]]
+    assert all(0.5 < a / b <= 0.55 for a, b in zip(ratio, dense, strict=True))  # packed fp32 payload on gloo
 
 
 def _load_train_module() -> ModuleType:
