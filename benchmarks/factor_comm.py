@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _ranks import launch_ranks  # benchmarks/ is on sys.path when a script runs
 
 from ds_spngd import SPNGD
 from ds_spngd.comm.factor_reduction import factor_traffic_bytes
@@ -129,24 +127,6 @@ def worker(args: argparse.Namespace) -> None:
     torch.distributed.destroy_process_group()
 
 
-def launch(args: argparse.Namespace, out: str) -> list[dict[str, list[dict[str, float]]]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(args.ranks):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(args.ranks), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(args.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", out], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate()[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        if p.returncode != 0:
-            raise RuntimeError(f"rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.ranks)]
-
-
 def measured_table(args: argparse.Namespace) -> None:
     print(f"(b) measured: cnn4, {args.ranks} CPU ranks (gloo, 1 thread each), micro-batch {args.micro_batch}/rank, "
           f"bucket_cap_mb {args.bucket_cap_mb}, factor_sample_fraction "
@@ -154,7 +134,7 @@ def measured_table(args: argparse.Namespace) -> None:
           f"{args.warmup} warm-up, windows of {args.window}; medians over steps of the mean over ranks\n"
           "(total = forward+backward+step; hooks = factor_s, building factors inside forward/backward)", flush=True)
     with tempfile.TemporaryDirectory(prefix="factor_comm_") as out:
-        ranks = launch(args, out)
+        ranks = launch_ranks(__file__, args.ranks, out)
 
     def med(key: str, field: str) -> float:
         per_step = zip(*[[r[field] for r in rk[key]] for rk in ranks], strict=True)

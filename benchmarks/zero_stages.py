@@ -27,10 +27,7 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _ranks import launch_ranks  # benchmarks/ is on sys.path when a script runs
 from torch import Tensor
 
 from ds_spngd.models import build_model
@@ -164,24 +162,6 @@ def instrument(run: dict[str, Any]) -> None:
     spngd.grads.block_grads = counted_block_grads
 
 
-def launch(args: argparse.Namespace, out: str) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(args.ranks):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(args.ranks), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(args.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", out], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate()[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        if p.returncode != 0:
-            raise RuntimeError(f"rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.ranks)]
-
-
 def report(args: argparse.Namespace, ranks: list[dict[str, Any]]) -> None:
     print(f"cnn4, {args.ranks} CPU ranks (gloo, 1 thread each), micro-batch {args.micro_batch}/rank, {args.config}; "
           f"{len(ranks[0][next(iter(ranks[0]))]['times'])} measured windows per config; memory in KiB per rank")
@@ -217,7 +197,7 @@ def main() -> None:
         worker(args)
         return
     with tempfile.TemporaryDirectory(prefix="zero_stages_") as out:
-        report(args, launch(args, out))
+        report(args, launch_ranks(__file__, args.ranks, out))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import deepspeed
 import torch
 from deepspeed.utils import log_dist
 
+from ds_spngd.comm.collectives import rank
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
 from ds_spngd.optimizer import SPNGD
 
@@ -255,7 +256,7 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
         out = orig_save(save_dir, tag, *a, **k)
         tag_dir = os.path.join(save_dir, str(tag if tag is not None else f"global_step{engine.global_steps}"))
         os.makedirs(tag_dir, exist_ok=True)
-        torch.save(spngd.spngd_state(), os.path.join(tag_dir, SHARD_PATTERN.format(rank=_rank())))
+        torch.save(spngd.spngd_state(), os.path.join(tag_dir, SHARD_PATTERN.format(rank=rank())))
         _barrier()
         return out
 
@@ -274,10 +275,6 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _barrier() -> None:

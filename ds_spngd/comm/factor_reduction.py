@@ -135,6 +135,7 @@ class FactorReducer:
         self.buckets = plan_buckets([factors[i] for i in order], [owners[i] for i in order],
                                     max(1, bucket_cap_bytes // elem))
         self._bucket_of = {f.name: k for k, b in enumerate(self.buckets) for f in b.factors}
+        self._traffic = factor_traffic_bytes(self.factors, comm_dtype)  # fixed by the shapes
         self._expected: dict[str, int] | None = None  # contributions per factor and step, learned at the 1st refresh
         self._reset()
         self.stats: dict[str, float] = {}
@@ -220,7 +221,7 @@ class FactorReducer:
                     hint = " (fp16 factor payloads overflow above 65504: use comm_dtype bf16)" \
                         if self.dtype == torch.float16 else ""
                     raise FloatingPointError(f"{err}{hint}") from None
-        payload, dense = factor_traffic_bytes(self.factors, self.dtype)
+        payload, dense = self._traffic
         self.stats = {"payload_bytes": float(payload if world > 1 else 0), "dense_bytes": float(dense),
                       "buckets": float(len(self.buckets)), "buckets_early": float(self._early),
                       "wait_s": wait_s, "launch_s": self._launch_s}

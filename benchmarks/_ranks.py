@@ -1,0 +1,37 @@
+"""Shared by the multi-rank benchmarks: re-run the calling script as ``ranks`` gloo ranks (one thread each).
+
+Each rank is ``python <script> <same args> --worker OUT`` and must write ``OUT/rank<r>.json``; the parent collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def launch_ranks(script: str, ranks: int, out: str) -> list[Any]:
+    """Start ``ranks`` copies of ``script`` as one gloo job and return each rank's ``rank<r>.json`` content.
+
+    Raises:
+        RuntimeError: naming the rank that failed, with the tail of its output.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(ranks):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, script, *sys.argv[1:], "--worker", out], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate()[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        if p.returncode != 0:
+            raise RuntimeError(f"rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
