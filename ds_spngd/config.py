@@ -70,6 +70,15 @@ class SPNGDConfig(BaseModel):
         overlap_comm: launch each bucket's reduction asynchronously from the hooks as soon as its factors are final
             (A after the forward, G during the backward); the step waits on it only when it needs the factors.
             False launches everything at the step.
+        nonfinite: what every rank does, together, when any rank sees NaN/Inf in a gradient or a reduced factor, or
+            an owner fails to invert a factor: ``"raise"`` (default) raises FloatingPointError naming the layers on
+            every rank at the same point; ``"skip"`` skips the step on every rank like DeepSpeed's fp16 overflow skip
+            (factors, preconditioners, momentum, counters and parameters untouched; DeepSpeed counts it in
+            ``skipped_steps`` and holds the LR scheduler). "raise" is the default because in fp32/bf16 training a
+            NaN usually means divergence or bad data, which a silent skip would hide; fp16 overflow is already
+            skipped by DeepSpeed's loss scaler whatever this key says.
+        max_consecutive_skips: with ``nonfinite: "skip"``, at most this many steps in a row may be skipped; the next
+            consecutive failure raises FloatingPointError (a run that keeps failing is not recovering).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,10 +102,12 @@ class SPNGDConfig(BaseModel):
     comm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     bucket_cap_mb: float = Field(4.0, gt=0.0)
     overlap_comm: bool = True
+    nonfinite: Literal["raise", "skip"] = "raise"
+    max_consecutive_skips: int = Field(10, ge=1)
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
-        "inv_update_steps", "kl_clip", "bucket_cap_mb", mode="before",
+        "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:

@@ -42,15 +42,18 @@ class DenseGradients:
     Args:
         optimizer: the SP-NGD optimizer (its live ``param_groups`` are read at every call).
         positions: per block, the (group, index) of each of its parameters.
+        blocks: the Fisher blocks.
+        names: the optimizer's parameters' names in ``param_groups`` order (for error messages).
     """
 
     partitioned = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, positions: list[list[Position]],
-                 blocks: Sequence[FisherBlock] = ()) -> None:
+                 blocks: Sequence[FisherBlock] = (), names: Sequence[str] = ()) -> None:
         self.opt = optimizer
         self.positions = positions
         self.blocks = blocks
+        self._names = list(names)
 
     def _param(self, pos: Position) -> Tensor:
         gi, pi = pos
@@ -81,21 +84,26 @@ class DenseGradients:
         """The blocks among ``ids`` whose every parameter has a gradient (identical on all ranks)."""
         return [i for i in ids if all(self._param(pos).grad is not None for pos in self.positions[i])]
 
-    def nonfinite(self, group: Any = None) -> str | None:
-        """Name of a parameter whose gradient is NaN/Inf (identical on all ranks: gradients are reduced), or None."""
-        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return None
-        norms = torch._foreach_norm(grads)
-        if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-            return None
-        for gi, g in enumerate(self.opt.param_groups):
-            for pi, p in enumerate(g["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    owner = next((f"{b.name} ({b.kind})" for b, pos in zip(self.blocks, self.positions, strict=False)
-                                  if (gi, pi) in pos), f"param_groups[{gi}][{pi}]")
-                    return f"{owner} (shape {tuple(p.shape)})"
-        return "a parameter"
+    @property
+    def names(self) -> list[str]:
+        """What each entry of :meth:`nonfinite_flags` is about: the parameters' names, ``param_groups`` order."""
+        n = sum(len(g["params"]) for g in self.opt.param_groups)
+        return self._names if len(self._names) == n else [
+            f"param_groups[{gi}][{pi}]" for gi, g in enumerate(self.opt.param_groups) for pi in range(len(g["params"]))]
+
+    def nonfinite_flags(self, device: torch.device) -> Tensor:
+        """Per optimizer parameter (``param_groups`` order): 1.0 where its gradient holds NaN/Inf, on ``device``.
+
+        No host sync: the flags join the step's agreement (:mod:`ds_spngd.comm.agreement`). A parameter without a
+        gradient gets 0. (Gradients are identical on every rank at stage 0; the agreement costs nothing extra.)
+        """
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        present = [k for k, p in enumerate(params) if p.grad is not None]
+        flags = torch.zeros(len(params), device=device)
+        if present:
+            norms = torch._foreach_norm([params[k].grad for k in present], float("inf"))
+            flags[present] = (~torch.isfinite(torch.stack(norms).to(device))).float()
+        return flags
 
     def weight(self, block_index: int) -> list[Tensor]:
         """The fp32 (master) weight tensor(s) of a block that weight rescaling may scale in place: here the whole."""
@@ -104,6 +112,10 @@ class DenseGradients:
     def reduce_squares(self, squares: Tensor, group: Any) -> Tensor:
         """Sum per-block squared norms computed from :meth:`weight` over the ranks holding pieces (here: none)."""
         return squares
+
+    def momentum_numel(self) -> int:
+        """Elements of the momentum buffers this rank keeps: every optimized parameter."""
+        return sum(p.numel() for g in self.opt.param_groups for p in g["params"])
 
 
 class PartitionedGradients:
@@ -209,20 +221,33 @@ class PartitionedGradients:
                     d[hp : hp + n] = v.reshape(-1)[lp : lp + n]
         return {(0, 0): d}
 
-    def nonfinite(self, group: Any = None) -> str | None:
-        """Name of a block parameter (or "a parameter") with NaN/Inf gradient on any rank — agreed by all ranks."""
+    @property
+    def names(self) -> list[str]:
+        """What each entry of :meth:`nonfinite_flags` is about: the blocks, then the whole partition."""
+        return [b.name for b in self.blocks] + ["a parameter without a Fisher block (ZeRO partition)"]
+
+    def nonfinite_flags(self, device: torch.device) -> Tensor:
+        """Per block, 1.0 where this rank's fragment of its gradient holds NaN/Inf, then one entry for the whole
+        partition; on ``device``, no host sync. Summed over ranks by the step's agreement, so a NaN in any rank's
+        partition is seen by all."""
+        flags = torch.zeros(len(self.blocks) + 1, device=device)
         grad = self.flat.grad
-        bad_here = 0.0 if grad is None or bool(torch.isfinite(grad).all()) else 1.0
-        flag = all_reduce_sum(torch.tensor([bad_here]), group)
-        if float(flag[0]) == 0.0:
-            return None
-        if grad is not None:
-            for b in self.blocks:
-                for p in b.params:
-                    frag = self._fragments(p)
-                    if frag is not None and not bool(torch.isfinite(grad[frag[0] : frag[0] + frag[2]]).all()):
-                        return f"{b.name} (shape {tuple(p.shape)})"
-        return "a parameter (on another rank's ZeRO partition)"
+        if grad is None:
+            return flags
+        frags: list[Tensor] = []
+        owner: list[int] = []
+        for i, b in enumerate(self.blocks):
+            for p in b.params:
+                frag = self._fragments(p)
+                if frag is not None:
+                    frags.append(grad[frag[0] : frag[0] + frag[2]])
+                    owner.append(i)
+        norms = torch._foreach_norm([*frags, grad], float("inf"))
+        bad = (~torch.isfinite(torch.stack(norms).to(device))).float()
+        flags[-1] = bad[-1]
+        if owner:  # a block's weight and bias fragments: flag the block once
+            flags[:-1].index_add_(0, torch.tensor(owner, device=device), bad[:-1]).clamp_(max=1.0)
+        return flags
 
     def weight(self, block_index: int) -> list[Tensor]:
         """This rank's fp32 master fragment of the block's weight (empty when it holds none)."""
@@ -236,3 +261,7 @@ class PartitionedGradients:
     def reduce_squares(self, squares: Tensor, group: Any) -> Tensor:
         """Sum the per-block squared norms of the fragments over the ranks (one small all-reduce)."""
         return all_reduce_sum(squares, group)  # type: ignore[no-any-return]
+
+    def momentum_numel(self) -> int:
+        """Elements of the momentum buffer(s) this rank keeps: its partition."""
+        return int(self.flat.numel())

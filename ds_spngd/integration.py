@@ -19,8 +19,9 @@ passed to deepspeed.initialize untouched. For SPNGD the wrapper
   hands it to deepspeed.initialize as a client optimizer, so DeepSpeed's JSON ``scheduler``, monitors, bf16 and
   checkpoints work as usual;
 * then glues SP-NGD to the engine (:func:`attach`): the data-parallel group and ZeRO partitions, the fp16 loss scale,
-  overflow-skipped steps (statistics dropped, nothing else touched), per-rank SP-NGD checkpoint shards next to
-  DeepSpeed's files, and per-step timings/bytes written to DeepSpeed's monitor.
+  overflow-skipped steps (statistics dropped, nothing else touched), steps SP-NGD skipped itself (reported to
+  DeepSpeed as overflow, so it counts them and holds the LR scheduler), per-rank SP-NGD checkpoint shards next to
+  DeepSpeed's files, the start-up memory report, and per-step timings/bytes/memory written to DeepSpeed's monitor.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import deepspeed
 import torch
 from deepspeed.utils import log_dist
 
-from ds_spngd.comm.collectives import rank
+from ds_spngd.checkpoint import SHARD_PATTERN
+from ds_spngd.comm.collectives import rank, world_size
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
+from ds_spngd.memory import CATEGORIES, format_memory
 from ds_spngd.optimizer import SPNGD
 
 __all__ = ["initialize", "load_ds_config", "is_spngd_config", "get_spngd"]
@@ -194,10 +197,18 @@ def initialize(
         spngd.suspended = False
     attach(engine, spngd, fp16=_fp16(ds_config))
     log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
+    log_dist(memory_report(spngd), ranks=[0])
     return engine, ds_opt, loader, scheduler
 
 
-SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
+def memory_report(spngd: SPNGD) -> str:
+    """SP-NGD's planned memory per rank: the maximum over ranks of :meth:`SPNGD.memory_plan` per category, and the
+    total of the rank that needs most (computed locally: the plan depends on shapes and owners only)."""
+    plans = [spngd.memory_plan(r) for r in range(world_size(spngd.group))]
+    worst = max(plans, key=lambda p: p["total"])
+    per_cat = {k: max(p[k] for p in plans) for k in (*CATEGORIES, "total")}
+    return (format_memory(per_cat, "SP-NGD memory per rank, max over ranks per category") + "\n"
+            + format_memory(worst, f"rank {plans.index(worst)} (largest total)"))
 
 
 def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
@@ -230,22 +241,24 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
 
     engine.forward = timed("forward_s", engine.forward)
     engine.backward = timed("backward_s", engine.backward)
+    _report_skips_as_overflow(engine, spngd)
     orig_step = engine.step
 
     def step(*a: Any, **k: Any) -> Any:
         boundary = engine.is_gradient_accumulation_boundary()
-        before = spngd.steps
+        before = (spngd.steps, spngd.skipped_steps)
         out = orig_step(*a, **k)
         if not boundary:
             return out
-        if spngd.steps == before:  # DeepSpeed skipped the optimizer step
+        if (spngd.steps, spngd.skipped_steps) == before:  # DeepSpeed skipped the optimizer step itself
             spngd.discard_step()
-            if not fp16:
-                raise FloatingPointError(
-                    f"DeepSpeed skipped optimizer step {engine.global_steps}: the gradient norm is NaN/Inf; "
-                    "no parameter was updated")
-        else:
-            _write_events(engine, spngd, times)
+            if not fp16:  # outside fp16 loss scaling, DeepSpeed skips for NaN/Inf gradient norms (ZeRO, bf16)
+                reason = (f"DeepSpeed skipped optimizer step {engine.global_steps}: the gradient norm is NaN/Inf; "
+                          "no parameter was updated")
+                if spngd.cfg.nonfinite == "raise":
+                    raise FloatingPointError(reason)
+                spngd.note_skipped(reason)
+        _write_events(engine, spngd, times)
         times["forward_s"] = times["backward_s"] = 0.0
         return out
 
@@ -270,6 +283,8 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
         if not files:
             raise FileNotFoundError(f"checkpoint {tag_dir} has no SP-NGD shards (spngd_rank*.pt); it was not saved "
                                     "through ds_spngd.initialize's engine")
+        # read onto the CPU (the shards may come from other devices); load_sharded_state moves every tensor to its
+        # block's device
         spngd.load_sharded_state([torch.load(f, map_location="cpu", weights_only=False) for f in files])
         return out
 
@@ -282,9 +297,31 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _report_skips_as_overflow(engine: Any, spngd: SPNGD) -> None:
+    """A step SP-NGD skipped (``nonfinite: "skip"``) must look to the engine like an fp16 overflow skip: it counts
+    ``skipped_steps`` and holds the LR scheduler when ``engine.optimizer.overflow`` is true after the step. At stage
+    0 fp32 the engine's optimizer is SP-NGD itself (its ``overflow``); DeepSpeed's wrappers (ZeRO, bf16/fp16) reset
+    their own ``overflow`` at the start of their step, so it is set after their step returns."""
+    wrapper = getattr(engine, "optimizer", None)
+    if wrapper is spngd or wrapper is None:
+        return
+    inner = wrapper.step
+
+    def wrapped_step(*a: Any, **k: Any) -> Any:
+        spngd.overflow = False
+        out = inner(*a, **k)
+        if spngd.overflow:
+            wrapper.overflow = True
+        return out
+
+    wrapper.step = wrapped_step
+
+
 def _write_events(engine: Any, spngd: SPNGD, times: dict[str, float]) -> None:
+    """Timings, bytes, skip counts and this rank's memory (``SPNGD/memory_<category>_bytes``) to the monitor."""
     monitor = getattr(engine, "monitor", None)
     if monitor is None or not getattr(monitor, "enabled", False):
         return
-    values = {**times, **spngd.last_stats}
+    values = {**times, **spngd.last_stats, "skipped_steps": float(spngd.skipped_steps)}
+    values.update({f"memory_{k}_bytes": float(v) for k, v in spngd.memory_usage().items()})
     monitor.write_events([(f"SPNGD/{k}", float(v), engine.global_samples) for k, v in sorted(values.items())])

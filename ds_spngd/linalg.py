@@ -2,19 +2,25 @@
 
 All functions take and return fp32 tensors on the factor's device (inputs in other dtypes are upcast: half precision
 is never used for the inversion itself, Osawa et al. arXiv:1811.12019 §4.2).
+
+The optimizer's path never waits on the device per layer: π and the dampings stay tensors, a Cholesky inverse is
+started without checking its status (:class:`InverseJob`), and :func:`finish_inverses` checks every job of a step
+with one host sync, re-doing only the failed ones by eigendecomposition. :func:`damped_inverse` is the convenient
+one-shot form (it syncs).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["pi_correction", "damped_inverse", "sym_eigh", "damped_inverse_small"]
+__all__ = ["pi_correction", "damped_inverse", "sym_eigh", "damped_inverse_small", "InverseJob", "finish_inverses"]
 
 
-def pi_correction(a: Tensor, g: Tensor) -> float:
+def pi_correction(a: Tensor, g: Tensor) -> Tensor:
     """π of factored Tikhonov damping (Martens & Grosse 2015, arXiv:1503.05671, eq. 6.3 with the trace norm).
 
     π = sqrt((tr A / dim A) / (tr G / dim G)); A gets π·√λ and G gets √λ/π, so the damped product keeps the scale of
@@ -25,36 +31,39 @@ def pi_correction(a: Tensor, g: Tensor) -> float:
         g: d_G × d_G factor.
 
     Returns:
-        π as a Python float; 1.0 when either trace is not positive or not finite (a degenerate factor).
+        π as a 0-d fp32 tensor on the factors' device (no host sync); 1 when either trace is not positive or not
+        finite (a degenerate factor).
     """
-    ta = float(torch.diagonal(a).sum()) / a.shape[-1]
-    tg = float(torch.diagonal(g).sum()) / g.shape[-1]
-    if not (ta > 0.0 and tg > 0.0 and math.isfinite(ta) and math.isfinite(tg)):
-        return 1.0
-    return math.sqrt(ta / tg)
+    ta = torch.diagonal(a).float().sum() / a.shape[-1]
+    tg = torch.diagonal(g).float().sum() / g.shape[-1]
+    ok = (ta > 0) & (tg > 0) & torch.isfinite(ta) & torch.isfinite(tg)
+    return torch.where(ok, torch.sqrt(ta / torch.where(ok, tg, torch.ones_like(tg))), torch.ones_like(ta))
 
 
-def _add_diag(m: Tensor, value: float) -> Tensor:
+def _add_diag(m: Tensor, value: Tensor | float) -> Tensor:
     out = m.clone()
     out.diagonal(dim1=-2, dim2=-1).add_(value)
     return out
 
 
-def sym_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+def sym_eigh(m: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD matrix (or a batch): m = Q diag(d) Qᵀ.
 
     Args:
         m: (…, d, d), symmetric; upcast to fp32.
+        check: raise on NaN/Inf input (one host sync). The optimizer passes False: its factors were checked by
+            every rank together before any inversion (:mod:`ds_spngd.comm.agreement`).
 
     Returns:
         (d, Q): eigenvalues (…, d) clamped at 0 (a PSD factor's negative eigenvalues are round-off) and eigenvectors
-        (…, d, d), fp32. Falls back to fp64 when the fp32 solver does not converge.
+        (…, d, d), fp32, Q contiguous. Falls back to fp64 when the fp32 solver does not converge.
 
     Raises:
-        FloatingPointError: when ``m`` holds NaN/Inf (names nothing: callers add the layer name).
+        FloatingPointError: ``check`` and ``m`` holds NaN/Inf (names nothing: callers add the layer name).
+        torch.linalg.LinAlgError: the fp64 solver did not converge either.
     """
     m32 = m.float()
-    if not bool(torch.isfinite(m32).all()):
+    if check and not bool(torch.isfinite(m32).all()):
         raise FloatingPointError("factor contains NaN or Inf")
     m32 = 0.5 * (m32 + m32.transpose(-2, -1))
     try:
@@ -62,11 +71,60 @@ def sym_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         d64, q64 = torch.linalg.eigh(m32.double())
         d, q = d64.float(), q64.float()
-    return d.clamp_min(0.0), q
+    return d.clamp_min(0.0), q.contiguous()
+
+
+def _eigen_inverse(m: Tensor, damping: Tensor | float) -> Tensor:
+    d, q = sym_eigh(m, check=False)
+    return ((q / (d + damping).unsqueeze(-2)) @ q.transpose(-2, -1)).contiguous()
+
+
+@dataclass
+class InverseJob:
+    """(m + damping·I)⁻¹ by Cholesky in fp32, started without a host sync.
+
+    Attributes:
+        matrix: the (…, d, d) fp32 factor.
+        damping: added to the diagonal (a float or a 0-d tensor, e.g. π·√λ).
+        inverse: the result, contiguous and symmetrized; valid once :func:`finish_inverses` ran.
+        failed: 0-d bool tensor, True when the Cholesky factorization failed (the inverse is then recomputed from an
+            eigendecomposition with eigenvalues clamped at 0, the same matrix in exact arithmetic).
+    """
+
+    matrix: Tensor
+    damping: Tensor | float
+    inverse: Tensor
+    failed: Tensor
+
+    @classmethod
+    def start(cls, m: Tensor, damping: Tensor | float) -> InverseJob:
+        """Factorize m + damping·I and form the inverse from the factor (L⁻ᵀL⁻¹ by a triangular solve): no check of
+        the factorization's status, so no host sync."""
+        m32 = m.float()
+        chol, info = torch.linalg.cholesky_ex(_add_diag(m32, damping))
+        eye = torch.eye(m32.shape[-1], dtype=m32.dtype, device=m32.device).expand_as(m32)
+        l_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        inv = l_inv.transpose(-2, -1) @ l_inv
+        inv = (0.5 * (inv + inv.transpose(-2, -1))).contiguous()
+        return cls(m32, damping, inv, (info != 0).any())
+
+
+def finish_inverses(jobs: Sequence[InverseJob]) -> None:
+    """Check every job's factorization with one host sync and recompute the failed ones by eigendecomposition.
+
+    Raises:
+        torch.linalg.LinAlgError: the eigendecomposition of a failed job did not converge (fp32 nor fp64).
+    """
+    if not jobs:
+        return
+    failed = torch.stack([j.failed for j in jobs]).tolist()
+    for job, bad in zip(jobs, failed, strict=True):
+        if bad:
+            job.inverse = _eigen_inverse(job.matrix, job.damping)
 
 
 def damped_inverse(m: Tensor, damping: float) -> Tensor:
-    """(m + damping·I)⁻¹ for a symmetric PSD matrix, by Cholesky in fp32.
+    """(m + damping·I)⁻¹ for a symmetric PSD matrix (or a batch), by Cholesky in fp32 (one-shot, syncs).
 
     If the Cholesky factorization fails (a factor that lost positive-definiteness to round-off with tiny damping), the
     inverse is formed from an eigendecomposition with eigenvalues clamped at 0, which is the same matrix in exact
@@ -77,21 +135,16 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
         damping: > 0.
 
     Returns:
-        d × d fp32 symmetric inverse.
+        d × d fp32 symmetric inverse (contiguous).
 
     Raises:
         FloatingPointError: when ``m`` holds NaN/Inf.
     """
-    m32 = m.float()
-    if not bool(torch.isfinite(m32).all()):
+    if not bool(torch.isfinite(m).all()):
         raise FloatingPointError("factor contains NaN or Inf")
-    damped = _add_diag(m32, damping)
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if int(info.max()) == 0:
-        inv = torch.cholesky_inverse(chol)
-        return 0.5 * (inv + inv.transpose(-2, -1))
-    d, q = sym_eigh(m32)
-    return (q / (d + damping).unsqueeze(-2)) @ q.transpose(-2, -1)
+    job = InverseJob.start(m, damping)
+    finish_inverses([job])
+    return job.inverse
 
 
 def damped_inverse_small(blocks: Tensor, damping: float) -> Tensor:

@@ -4,29 +4,30 @@ Per optimizer step t (Osawa et al. CVPR 2019, arXiv:1811.12019 §3–4; TPAMI 20
 
 1. on factor-refresh steps (t mod factor_update_steps = 0) the factors captured by the module hooks during this
    step's forward/backward passes are reduced to their owner ranks — packed, bucketed and launched from the hooks
-   as soon as they are final (:mod:`ds_spngd.comm.factor_reduction`) — and folded into their running averages;
-2. on inversion steps (t mod inv_update_steps = 0) every block's damped inverse/eigendecomposition is recomputed by
-   its owner rank (LPT on d³, :mod:`ds_spngd.comm.assignment`) and, with ``precondition_mode="comm_opt"``,
-   broadcast to the others (:mod:`ds_spngd.comm.inversion`);
-3. each preconditioned block's gradient g becomes ĝ = F̂⁻¹ g (by every rank, or by the owner and broadcast with
+   as soon as they are final (:mod:`ds_spngd.comm.factor_reduction`);
+2. every rank agrees on the step's health with one small all-reduce (:mod:`ds_spngd.comm.agreement`): NaN/Inf in
+   any gradient or reduced factor, contributions that missed their bucket. Then every rank continues, raises the
+   same error naming the layer, or skips the step (``nonfinite``); the factors are folded into their running
+   averages only after that;
+3. on inversion steps (t mod inv_update_steps = 0) every block's damped inverse/eigendecomposition is drafted by
+   its owner rank (LPT on d³, :mod:`ds_spngd.comm.assignment`), agreed by every rank, and installed from one buffer
+   per owner — broadcast to every rank with ``precondition_mode="comm_opt"`` (:mod:`ds_spngd.comm.inversion`);
+4. each preconditioned block's gradient g becomes ĝ = F̂⁻¹ g (by every rank, or by the owner and broadcast with
    ``"mem_opt"``); parameters without a block keep g;
-4. optional KL-clipping (Ba et al. ICLR 2017): ĝ ← ν·ĝ, ν = min(1, sqrt(κ / (η² Σ_l ĝ_l·g_l)));
-5. heavy-ball momentum with the weight decay added after preconditioning (as torch.optim.SGD adds it):
-   d = ĝ + wd·w. With ``momentum_correction`` (Goyal et al. 2017, arXiv:1706.02677 §2.1) the velocity is
-   v_t = η_t·u_t with u ← m·u + d (torch.optim.SGD's buffer), i.e. v ← m·(η_t/η_{t−1})·v + η_t·d, well defined
-   when η_{t−1} = 0; without it v ← m·v + η_t·d. In both cases w ← w − v;
-6. optional weight rescaling (SP-NGD): each preconditioned Linear/Conv2d weight with ‖W‖_F > sqrt(2·d_out) is
-   rescaled to that norm.
+5. KL-clipping, heavy-ball momentum with weight decay, weight rescaling (:mod:`ds_spngd.update`).
 
-Gradients are reached through :mod:`ds_spngd.gradients`: by position at ZeRO stage 0 (DeepSpeed's bf16 wrapper
-replaces the parameter objects by fp32 clones in the same positions), through DeepSpeed's fragment maps at ZeRO 1/2.
-``last_stats`` holds the step's timings (s) and bytes; see :meth:`SPNGD.step`.
+A skipped step (``nonfinite: "skip"``) leaves factors, preconditioners, momentum, counters and parameters exactly as
+they were on every rank and sets ``overflow`` so DeepSpeed counts it like its fp16 overflow skip (no LR-scheduler
+step); more than ``max_consecutive_skips`` in a row raise.
+
+Every tensor lives on the device of the parameters it serves; the step's host syncs are O(1) (the agreement, and on
+inversion steps the Cholesky status check and the inversion agreement), never per layer. Gradients are reached
+through :mod:`ds_spngd.gradients` (whole parameters at ZeRO stage 0, DeepSpeed's fragment maps at ZeRO 1/2).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,14 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ds_spngd import checkpoint
+from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems
 from ds_spngd.comm.assignment import Assignment
-from ds_spngd.comm.collectives import backend, rank, world_size
+from ds_spngd.comm.collectives import backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
 from ds_spngd.comm.inversion import distributed_update, plan_owners, share_directions
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
+from ds_spngd.memory import memory_plan, memory_usage
+from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
 
@@ -57,7 +62,12 @@ class SPNGD(torch.optim.Optimizer):
         model: the raw (unwrapped) model whose Linear/Conv2d/BatchNorm/LayerNorm modules get Fisher blocks. Build the
             optimizer *before* ``deepspeed.initialize`` (``ds_spngd.initialize`` does this).
         config: an :class:`SPNGDConfig` or the JSON ``optimizer.params`` dict; keyword overrides win.
-        process_group: data-parallel group for factor reduction (None = world).
+        process_group: data-parallel group (None = world); SP-NGD communicates on a private copy of it.
+
+    Attributes:
+        overflow: True after a step this optimizer skipped (DeepSpeed reads it like its fp16 overflow flag).
+        skipped_steps: steps skipped so far (``nonfinite: "skip"``, or DeepSpeed's NaN/Inf skips outside fp16).
+        consecutive_skips: skipped steps since the last applied one.
 
     Raises:
         SPNGDConfigError: on an invalid config (names the key).
@@ -72,14 +82,11 @@ class SPNGD(torch.optim.Optimizer):
         **overrides: Any,
     ) -> None:
         if isinstance(config, SPNGDConfig):
-            cfg = config.model_copy(update=overrides) if overrides else config
-            if overrides:
-                cfg = parse_spngd_params(cfg.model_dump())
+            cfg = parse_spngd_params({**config.model_dump(), **overrides}) if overrides else config
         else:
             cfg = parse_spngd_params({**(config or {}), **overrides})
         self.cfg = cfg
         super().__init__(params, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
-        self.process_group = process_group
         self.ctx = CaptureContext(fisher_type=cfg.fisher_type, loss_reduction=cfg.loss_reduction,
                                   sample_fraction=cfg.factor_sample_fraction)
         positions = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
@@ -87,6 +94,9 @@ class SPNGD(torch.optim.Optimizer):
         self.blocks: list[FisherBlock] = plan.blocks
         self.fallback: list[tuple[str, str]] = plan.fallback
         self._positions = [[positions[id(p)] for p in b.params] for b in self.blocks]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._param_names = [names.get(id(p), f"param_groups[{gi}][{pi}]")
+                             for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
         for b in self.blocks:
             b.register()
         self._mc_outputs: list[Tensor] = []
@@ -96,12 +106,20 @@ class SPNGD(torch.optim.Optimizer):
             self._mc_handle = model.register_forward_hook(self._mc_hook)
         self._owners: Assignment | None = None  # inversion (and factor) owners
         self.reducer: FactorReducer | None = None
-        self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks)
+        self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
+                                                                            self._param_names)
+        self.dp_group: Any = process_group
+        self.group: Any = None
         self.setup_distributed(process_group)
         self.steps = 0
         self.suspended = False
+        self.overflow = False
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.last_skip_reason = ""
         self._reported_silent = False
-        self.last_stats: dict[str, float] = {}
+        self._rescale_bound: Tensor | None = None
+        self._stats: dict[str, float | Tensor] = {}
         self.engine_times: dict[str, float] = {}  # forward/backward seconds of the current step (set by attach)
         logger.debug("%s", self.report())
 
@@ -114,6 +132,25 @@ class SPNGD(torch.optim.Optimizer):
             lines.append(f"plain momentum-SGD update for {len(self.fallback)} module(s):")
             lines += [f"  {n}: {r}" for n, r in self.fallback]
         return "\n".join(lines)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The last step's timings (s), bytes and flags as floats (device scalars are fetched here, once)."""
+        pending = [k for k, v in self._stats.items() if isinstance(v, Tensor)]
+        if pending:
+            values = torch.stack([self._stats[k].reshape(()).float() for k in pending]).tolist()  # type: ignore[union-attr]
+            self._stats.update(zip(pending, values, strict=True))
+        return {k: float(v) for k, v in self._stats.items()}
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes of SP-NGD state this rank holds now: factors, accumulators, preconditioners, comm_buffers, momentum,
+        total (:func:`ds_spngd.memory.memory_usage`)."""
+        return memory_usage(self)
+
+    def memory_plan(self, rank: int | None = None) -> dict[str, int]:
+        """Bytes a rank (default: this one) holds on a refresh + inversion step, from the shapes alone
+        (:func:`ds_spngd.memory.memory_plan`)."""
+        return memory_plan(self, rank)
 
     # ---- Monte-Carlo Fisher -----------------------------------------------------------------------------------
     def _mc_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -145,86 +182,134 @@ class SPNGD(torch.optim.Optimizer):
 
         Runs in the constructor and again from :func:`ds_spngd.initialize` once DeepSpeed built the engine (its
         data-parallel group, ZeRO partitions detected from DeepSpeed's fragment maps on the model's parameters).
+        A collective on first use of a group: SP-NGD's private communicator is created here
+        (:func:`ds_spngd.comm.collectives.private_group`).
 
         Raises:
             RuntimeError: after the first step (re-planning then would change the collective order mid-run).
         """
         if self.reducer is not None and (self.steps > 0 or self.reducer.in_flight):
             raise RuntimeError("setup_distributed() must run before the first optimizer step")
-        self.process_group = group
         cfg = self.cfg
-        self._owners = plan_owners(self.blocks, self.process_group)
+        self.dp_group = group
+        self.group = private_group(group)
+        self._owners = plan_owners(self.blocks, self.group)
         factors = [f for b in self.blocks for f in b.factors]
         owners = [self._owners.owners[i] for i, b in enumerate(self.blocks) for _ in b.factors]
         dtype_name = cfg.comm_dtype
         if dtype_name == "auto":
-            dtype_name = "bf16" if backend(self.process_group) == "nccl" else "fp32"
+            dtype_name = "bf16" if "nccl" in backend(self.group) else "fp32"
         old = self.reducer
-        self.reducer = FactorReducer(factors, owners, self.process_group, COMM_DTYPES[dtype_name],
+        self.reducer = FactorReducer(factors, owners, self.group, COMM_DTYPES[dtype_name],
                                      int(cfg.bucket_cap_mb * (1 << 20)), cfg.overlap_comm)
         if old is not None:
             self.reducer.adopt_counts(old)
         if is_partitioned([p for b in self.blocks for p in b.params]):
             self.grads = PartitionedGradients(self, self.blocks)
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in SP-NGD's group."""
+        return rank(self.group)
+
+    @property
+    def device(self) -> torch.device:
+        """The device SP-NGD computes and communicates on: its parameters' (read now, after DeepSpeed moved them)."""
+        if self.blocks:
+            return self.blocks[0].device
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+
     # ---- the step ---------------------------------------------------------------------------------------------
-    def _refresh_curvature(self, refresh: bool, invert: bool, stats: dict[str, float]) -> None:
-        assert self.reducer is not None and self._owners is not None
-        cfg = self.cfg
+    def _agree_on_inputs(self, refresh: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
+        """Complete the factor reduction, agree on NaN/Inf and contribution mismatches, commit the factors.
+
+        Raises:
+            StepFailure: the agreed problems (identical on every rank); nothing was committed.
+        """
+        assert self.reducer is not None
+        factors = self.reducer.factors if refresh else []
+        parts = list(self.reducer.complete()) if refresh else []
         if refresh:
-            self.reducer.finish(cfg.factor_decay)
             rs = self.reducer.stats
             stats.update(comm_wait_s=rs["wait_s"], comm_launch_s=rs["launch_s"], factor_bytes=rs["payload_bytes"],
                          factor_dense_bytes=rs["dense_bytes"], buckets_early=rs["buckets_early"],
                          buckets=rs["buckets"])
-            if not self._reported_silent:
-                self._reported_silent = True
-                silent = [b for b in self.blocks if not b.has_factors]
-                if silent and rank() == 0:
-                    logger.warning(
-                        "SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
-                        "until they do", len(silent), ", ".join(b.name for b in silent))
-        # also (re)builds blocks that have factors but no preconditioner (first use, hooks that fired late)
-        todo = [b.has_factors and (invert or not b.has_preconditioner) for b in self.blocks]
-        if any(todo):
-            t0 = time.perf_counter()
-            stats["inverse_bytes"] = float(distributed_update(
-                self.blocks, todo, self._owners, cfg.damping, cfg.inverse_method, self.process_group,
-                share=cfg.precondition_mode == "comm_opt"))
-            stats["inversion_s"] = time.perf_counter() - t0
+        sums = agree([*parts, self.grads.nonfinite_flags(device)], self.group, device)
+        n = len(factors)
+        had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n :]
+        problems = [Problem(f.name, f"{int(k)} contribution(s) arrived after its bucket was sent (the layer ran more "
+                            "often this step than on the first refresh step); set overlap_comm=false for models "
+                            "whose layers run a varying number of times per step", numerical=False)
+                    for f, k in zip(factors, late, strict=True) if k]
+        problems += [Problem(f.name, "NaN/Inf in the reduced factor statistics (the layer's inputs or output gradients "
+                             "overflowed on at least one rank)") for f, k in zip(factors, bad, strict=True) if k]
+        problems += [Problem(name, f"gradient holds NaN/Inf (seen on {int(k)} rank(s))")
+                     for name, k in zip(self.grads.names, grads, strict=True) if k]
+        if problems:
+            raise StepFailure(problems)
+        if refresh:
+            self.reducer.commit(had, self.cfg.factor_decay)
+            self._report_silent()
 
-    def _preconditioned(self, stats: dict[str, float]) -> dict[tuple[int, int], Tensor]:
+    def _report_silent(self) -> None:
+        if self._reported_silent:
+            return
+        self._reported_silent = True
+        silent = [b for b in self.blocks if not b.has_factors]
+        if silent and self.rank == 0:
+            logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
+                           "until they do", len(silent), ", ".join(b.name for b in silent))
+
+    def _refresh_preconditioners(self, invert: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
+        """Inversion transaction (:func:`ds_spngd.comm.inversion.distributed_update`); also (re)builds blocks that
+        have factors but no preconditioner yet (first use, hooks that fired late).
+
+        Raises:
+            StepFailure: an owner failed to build a preconditioner (agreed by every rank); nothing was installed.
+        """
+        assert self._owners is not None
+        todo = [b.has_factors and (invert or not b.has_preconditioner) for b in self.blocks]
+        if not any(todo):
+            return
+        t0 = time.perf_counter()
+        sent, problems = distributed_update(self.blocks, todo, self._owners, self.cfg.damping, self.cfg.inverse_method,
+                                            self.group, self.cfg.precondition_mode == "comm_opt", device)
+        if problems:
+            raise StepFailure(problems)
+        stats["inverse_bytes"] = float(sent)
+        stats["inversion_s"] = time.perf_counter() - t0
+
+    def _preconditioned(self, device: torch.device, stats: dict[str, float | Tensor]) -> dict[tuple[int, int], Tensor]:
         """Update directions per optimizer parameter: F̂⁻¹g for block parameters (KL-clipped when configured)."""
         assert self._owners is not None
         ready = self.grads.available([i for i, b in enumerate(self.blocks) if b.has_preconditioner])
         if not ready:
             return {}
         owners = self._owners.owners
-        mem_opt = self.cfg.precondition_mode == "mem_opt" and world_size(self.process_group) > 1
-        grads, sent = self.grads.block_grads(ready, owners if mem_opt else None, self.process_group)
-        me = rank(self.process_group)
+        mem_opt = self.cfg.precondition_mode == "mem_opt" and world_size(self.group) > 1
+        grads, sent = self.grads.block_grads(ready, owners if mem_opt else None, self.group)
+        me = self.rank
         nat: dict[int, list[Tensor]] = {}
-        vg = 0.0
+        vg = torch.zeros((), dtype=torch.float64, device=device)
         for i in ready:
             if mem_opt and owners[i] != me:
                 continue
             nat[i] = self.blocks[i].precondition(grads[i])
             if self.cfg.kl_clip is not None:
-                vg += sum(float((v * g.float()).sum()) for v, g in zip(nat[i], grads[i], strict=True))
+                for v, g in zip(nat[i], grads[i], strict=True):
+                    vg = vg + (v * g.float()).sum().double()
         if mem_opt:
             shapes = {i: [tuple(p.shape) for p in self.blocks[i].params] for i in ready}
-            nat, vg, shared = share_directions(nat, shapes, owners, vg, self.process_group)
+            nat, total, shared = share_directions(nat, shapes, owners, vg, self.group, device)
+            vg = total.double()
             sent += shared
         stats["precondition_bytes"] = float(sent)
         if self.cfg.kl_clip is not None:
-            lr = self.param_groups[0]["lr"]
-            # lr = 0 (a warmup's first step) moves nothing: no clipping needed, and ν's formula would divide by 0
-            nu = 1.0 if vg <= 0.0 or lr == 0.0 else min(1.0, math.sqrt(self.cfg.kl_clip / (lr * lr * vg)))
+            nu = kl_clip_factor(self.cfg.kl_clip, float(self.param_groups[0]["lr"]), vg)
             stats["kl_clip_nu"] = nu
-            if nu < 1.0:
-                for vs in nat.values():
-                    for v in vs:
-                        v.mul_(nu)
+            for vs in nat.values():
+                for v in vs:
+                    v.mul_(nu)
         return self.grads.directions(nat)
 
     @torch.no_grad()
@@ -232,8 +317,10 @@ class SPNGD(torch.optim.Optimizer):
         """Apply one SP-NGD update (see the module docstring).
 
         Raises:
-            FloatingPointError: naming the parameter whose gradient is NaN/Inf (agreed by every rank), or the block
-                whose factor is; no parameter is modified in that case and this step's statistics are dropped.
+            FloatingPointError: (``nonfinite: "raise"``, or more than ``max_consecutive_skips`` skips in a row)
+                naming the layers whose gradients, reduced factors or inversions are NaN/Inf / failed — raised on
+                every rank at the same point; no parameter, factor, preconditioner, momentum or counter changed.
+            RuntimeError: a factor got contributions after its bucket was sent (every rank, same message).
         """
         if self.suspended:  # DeepSpeed's wrappers call step() once while being built, with zero gradients
             return None
@@ -241,73 +328,80 @@ class SPNGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        assert self.reducer is not None
+        self.overflow = False
         t_start = time.perf_counter()
-        stats: dict[str, float] = {"factor_s": self.ctx.factor_seconds}
+        stats: dict[str, float | Tensor] = {"factor_s": self.ctx.factor_seconds}
         self.ctx.factor_seconds = 0.0
         cfg = self.cfg
         refresh = self.steps % cfg.factor_update_steps == 0
         invert = self.steps % cfg.inv_update_steps == 0
-        bad = self.grads.nonfinite(self.process_group)
-        if bad is not None:
-            self.reducer.discard()  # this batch's statistics are as suspect as its gradients
-            raise FloatingPointError(
-                f"SP-NGD step {self.steps}: gradient of {bad} is NaN/Inf; no parameter was updated")
-        self._refresh_curvature(refresh, invert, stats)
+        device = self.device
+        assert self.reducer is not None
+        try:
+            self._agree_on_inputs(refresh, device, stats)
+            self._refresh_preconditioners(invert, device, stats)
+        except StepFailure as failure:
+            self.reducer.rollback()
+            return self._fail(failure.problems, loss)
+        self.reducer.settle()
         t0 = time.perf_counter()
-        directions = self._preconditioned(stats)
+        directions = self._preconditioned(device, stats)
         stats["precondition_s"] = time.perf_counter() - t0
         for gi, group in enumerate(self.param_groups):
-            self._update_group(gi, group, directions)
+            apply_group(group, gi, self.state, directions, cfg.momentum_correction)
         if cfg.weight_rescale:
-            self._rescale_weights()
-        stats["refresh"], stats["invert"] = float(refresh), float(invert)
+            self._rescale_weights(device)
+        stats["refresh"], stats["invert"], stats["skipped"] = float(refresh), float(invert), 0.0
+        stats["skipped_steps"] = float(self.skipped_steps)
         stats["optimizer_s"] = time.perf_counter() - t_start
-        self.last_stats = stats
+        self._stats = stats
         self.steps += 1
+        self.consecutive_skips = 0
         self.ctx.collecting = self.steps % cfg.factor_update_steps == 0
         return loss
 
-    def _update_group(self, gi: int, group: dict[str, Any], nat: dict[tuple[int, int], Tensor]) -> None:
-        """Momentum, weight decay and the parameter update, elementwise (works on ZeRO's flat partitions too)."""
-        lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            d = nat.get((gi, pi))
-            d = p.grad.float() if d is None else d
-            if wd != 0.0:
-                d = d.add(p.float(), alpha=wd)
-            if m == 0.0:
-                p.add_(d.to(p.dtype), alpha=-lr)
-                continue
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if self.cfg.momentum_correction:  # u ← m·u + d; w ← w − η·u  (v = η·u: corrected heavy ball)
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(m).add_(d)
-                p.add_(buf.to(p.dtype), alpha=-lr)
-            else:  # v ← m·v + η·d; w ← w − v
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.mul(lr)
-                else:
-                    buf.mul_(m).add_(d, alpha=lr)
-                p.sub_(buf.to(p.dtype))
+    def _fail(self, problems: list[Problem], loss: float | None) -> float | None:
+        """End a step whose problems every rank agreed on: raise the same error everywhere, or skip it."""
+        self.ctx.factor_seconds = 0.0
+        message = describe_problems(self.steps + self.skipped_steps, problems)
+        if any(not p.numerical for p in problems):
+            raise RuntimeError(f"{message}. No parameter was updated.")
+        if self.cfg.nonfinite == "raise":
+            raise FloatingPointError(f"{message}. No parameter was updated; factors and preconditioners are "
+                                     'unchanged (set "nonfinite": "skip" to skip such steps instead).')
+        self.note_skipped(message)
+        return loss
 
-    def _rescale_weights(self) -> None:
-        """SP-NGD weight rescaling: ‖W‖_F > sqrt(2·d_out) → W·sqrt(2·d_out)/‖W‖_F (norms summed over ZeRO pieces)."""
+    def note_skipped(self, reason: str) -> None:
+        """Count a skipped step (this optimizer's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16).
+
+        Sets ``overflow`` so DeepSpeed's engine counts it as skipped and holds the LR scheduler.
+
+        Raises:
+            FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already (this one would be one
+                more); nothing is counted then.
+        """
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise FloatingPointError(
+                f"SP-NGD: a step fails after {self.consecutive_skips} consecutive steps (max_consecutive_skips="
+                f"{self.cfg.max_consecutive_skips}) were skipped; the run is not recovering. This one: {reason}")
+        self.overflow = True
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.last_skip_reason = reason
+        self._stats = {"skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+        if self.rank == 0:
+            logger.warning("SP-NGD skipped a step (%d in a row, %d in all): %s", self.consecutive_skips,
+                           self.skipped_steps, reason)
+
+    def _rescale_weights(self, device: torch.device) -> None:
         ids = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]
-        pieces = [self.grads.weight(i) for i in ids]
-        squares = torch.tensor([sum(float(w.double().pow(2).sum()) for w in ws) for ws in pieces], dtype=torch.float64)
-        squares = self.grads.reduce_squares(squares, self.process_group)
-        for i, ws, sq in zip(ids, pieces, squares.tolist(), strict=True):
-            bound = math.sqrt(2.0 * self.blocks[i].params[0].shape[0])
-            norm = math.sqrt(sq)
-            if norm > bound:
-                for w in ws:
-                    w.mul_(bound / norm)
+        if not ids:
+            return
+        if self._rescale_bound is None or self._rescale_bound.device != device:
+            self._rescale_bound = rescale_bounds([self.blocks[i].params[0].shape[0] for i in ids], device)
+        rescale_weights([self.grads.weight(i) for i in ids], self._rescale_bound,
+                        lambda sq: self.grads.reduce_squares(sq, self.group))
 
     def discard_step(self) -> None:
         """Forget the statistics gathered since the last step (DeepSpeed skipped the step: fp16 overflow).
@@ -332,13 +426,15 @@ class SPNGD(torch.optim.Optimizer):
 
     # ---- state_dict contract (torch.optim) --------------------------------------------------------------------
     def spngd_state(self) -> dict[str, Any]:
-        """SP-NGD's own state on this rank: step counter, config, and every block's factors / preconditioner as held
-        here (factor values on their owner only; preconditioners on every rank with comm_opt, owners with mem_opt)."""
+        """SP-NGD's own state on this rank: counters, config, and every block's factors / preconditioner as held here
+        (factor values on their owner only; preconditioners on every rank with comm_opt, owners with mem_opt)."""
         return {
             "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "config": self.cfg.model_dump(),
-            "world_size": world_size(self.process_group),
-            "rank": rank(self.process_group),
+            "world_size": world_size(self.group),
+            "rank": self.rank,
             "blocks": {b.name: b.state_dict() for b in self.blocks},
         }
 
@@ -348,40 +444,19 @@ class SPNGD(torch.optim.Optimizer):
         return sd
 
     def load_sharded_state(self, shards: list[dict[str, Any]]) -> None:
-        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size: each factor's value is
-        taken from the shard that holds it, the preconditioner from any shard that holds one).
+        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size; tensors are moved to each
+        block's device).
 
         Raises:
             ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
         """
-        if not shards:
-            raise ValueError("no SP-NGD state shard to load")
-        steps = {int(s["steps"]) for s in shards}
-        if len(steps) != 1:
-            raise ValueError(f"SP-NGD state shards come from different steps {sorted(steps)}")
-        merged: dict[str, dict[str, Any]] = {}
-        for shard in shards:
-            self._check_block_names(shard["blocks"])
-            for name, state in shard["blocks"].items():
-                cur = merged.setdefault(name, dict(state))
-                for key, val in state.items():
-                    if isinstance(val, dict) and val.get("value") is not None:
-                        cur[key] = val  # a factor held by this shard's rank
-                    elif key == "preconditioner" and val is not None:
-                        cur[key], cur["method"] = val, state.get("method")
-                    elif key == "ready":
-                        cur[key] = bool(cur.get(key)) or bool(val)
+        top, merged = checkpoint.merge_shards(shards, [b.name for b in self.blocks])
         for b in self.blocks:
             b.load_state_dict(merged[b.name])
-        self.steps = steps.pop()
+        self.steps = int(top["steps"])
+        self.skipped_steps = int(top.get("skipped_steps", 0))
+        self.consecutive_skips = int(top.get("consecutive_skips", 0))
         self.ctx.collecting = self.steps % self.cfg.factor_update_steps == 0
-
-    def _check_block_names(self, saved: dict[str, Any]) -> None:
-        names = {b.name for b in self.blocks}
-        if set(saved) != names:
-            raise ValueError(
-                f"checkpoint Fisher blocks {sorted(saved)} do not match the model's {sorted(names)} "
-                f"(missing: {sorted(names - set(saved))}, unexpected: {sorted(set(saved) - names)})")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's contract plus SP-NGD's blocks; the blocks are checked before anything is modified.
@@ -392,7 +467,7 @@ class SPNGD(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("spngd", None)
         if extra is not None:
-            self._check_block_names(extra["blocks"])
+            checkpoint.check_block_names(extra["blocks"], [b.name for b in self.blocks])
         super().load_state_dict(sd)
         if extra is not None:
             self.load_sharded_state([extra])

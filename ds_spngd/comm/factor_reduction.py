@@ -10,15 +10,21 @@ Per factor-refresh step:
 2. buckets are launched strictly in their planned order, each as soon as it and every earlier bucket are final: the
    bucket's factors are packed (upper triangle of the local per-example mean, cast to ``comm_dtype``) into one
    buffer and ``reduce``d asynchronously to the bucket's owner rank;
-3. :meth:`FactorReducer.finish` (from ``optimizer.step``) launches what is left, all-reduces one small vector of
-   "this rank contributed" flags, waits on the handles and lets each owner commit
-   Σ_r mean_r / (number of contributing ranks) — the mean of the ranks' per-example means, which is the global
-   per-example mean whenever the ranks see equally many examples (DeepSpeed's contract: the same micro-batch size on
-   every rank; its gradient average is the same mean of rank means). Non-owners only advance the factors' versions.
+3. :meth:`FactorReducer.complete` (from ``optimizer.step``) launches what is left and waits on the handles; it
+   returns this rank's flags for the step's agreement (:mod:`ds_spngd.comm.agreement`): which factors it
+   contributed to, which got contributions after their bucket had left, and — on owners — which reduced sums are
+   NaN/Inf. Nothing is raised here: a fault seen by one rank must end the step the same way on every rank;
+4. once every rank agreed, :meth:`FactorReducer.commit` lets each owner commit Σ_r mean_r / (number of contributing
+   ranks) — the mean of the ranks' per-example means, which is the global per-example mean whenever the ranks see
+   equally many examples (DeepSpeed's contract: the same micro-batch size on every rank; its gradient average is the
+   same mean of rank means); a layer whose hooks fired on some ranks only gets the mean over those ranks.
+   Non-owners only advance the factors' versions. :meth:`rollback` / :meth:`settle` undo or finalize the commit.
 
 Collective order is identical on every rank by construction: the bucket plan depends only on the blocks (module
-order), their owners and the cap, and buckets are launched in plan order; readiness only decides *when*.
-Gradient accumulation adds locally; the reduction happens once per optimizer step.
+order), their owners and the cap, buckets are launched in plan order, and they travel on SP-NGD's private
+communicator (:func:`ds_spngd.comm.collectives.private_group`), so readiness only decides *when*, never the order.
+Gradient accumulation adds locally; the reduction happens once per optimizer step. Buffers are packed on the
+factors' device.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, wait_all, world_size
+from ds_spngd.comm.collectives import rank, reduce_sum, wait_all, world_size
 from ds_spngd.comm.packing import pack_symmetric, unpack_symmetric
 from ds_spngd.curvature.factor import SymmetricFactor
 
@@ -105,13 +111,13 @@ class FactorReducer:
     Args:
         factors: every factor of every block.
         owners: owner group rank of each factor (its block's inversion owner).
-        group: data-parallel process group (None = world).
+        group: SP-NGD's process group (None = world).
         comm_dtype: payload dtype (fp32, bf16 or fp16).
         bucket_cap_bytes: payload bytes per bucket (a larger factor travels alone).
-        overlap: launch buckets from the hooks as soon as they are final (else all at :meth:`finish`).
+        overlap: launch buckets from the hooks as soon as they are final (else all at :meth:`complete`).
 
     Attributes:
-        stats: figures of the last :meth:`finish` — ``payload_bytes``, ``dense_bytes`` (dense fp32 all-reduce
+        stats: figures of the last :meth:`complete` — ``payload_bytes``, ``dense_bytes`` (dense fp32 all-reduce
             equivalent), ``buckets``, ``buckets_early`` (launched before the step), ``wait_s`` (time blocked on the
             handles inside the step), ``launch_s`` (packing + launching, partly inside the hooks).
     """
@@ -128,15 +134,19 @@ class FactorReducer:
         self.dtype = comm_dtype
         self.overlap = overlap
         self.factors = list(factors)
+        self.owners = list(owners)
         # keyed by factor name (unique per model; survives copy.deepcopy of a model whose hooks reach the factors)
         if len({f.name for f in factors}) != len(factors):
             raise ValueError("factor names must be unique")
-        elem = torch.empty(0, dtype=comm_dtype).element_size()
+        elem = torch.empty(0, dtype=comm_dtype, device="cpu").element_size()
         self.buckets = plan_buckets([factors[i] for i in order], [owners[i] for i in order],
                                     max(1, bucket_cap_bytes // elem))
         self._bucket_of = {f.name: k for k, b in enumerate(self.buckets) for f in b.factors}
         self._traffic = factor_traffic_bytes(self.factors, comm_dtype)  # fixed by the shapes
         self._expected: dict[str, int] | None = None  # contributions per factor and step, learned at the 1st refresh
+        self._totals: dict[str, Tensor] = {}
+        self._had: dict[str, float] = {}
+        self._last_adds: dict[str, int] = {}
         self._reset()
         self.stats: dict[str, float] = {}
         for f in self.factors:
@@ -144,6 +154,7 @@ class FactorReducer:
 
     def _reset(self) -> None:
         self._adds: dict[str, int] = {f.name: 0 for f in self.factors}
+        self._late: dict[str, int] = {}
         self._final: list[int] = [0] * len(self.buckets)  # final factors per bucket
         self._next = 0
         self._flights: list[tuple[Tensor, Any, list[float]]] = []
@@ -152,17 +163,19 @@ class FactorReducer:
 
     # ---- launching ----------------------------------------------------------------------------------------------
     def notify(self, f: SymmetricFactor) -> None:
-        """A contribution was added to ``f`` (called by :meth:`SymmetricFactor.add`)."""
+        """A contribution was added to ``f`` (called by :meth:`SymmetricFactor.add`, i.e. from a module hook).
+
+        Never raises: a contribution that arrives after its factor's bucket left is recorded and reported by
+        :meth:`complete` to the step's agreement, so every rank stops at the same point.
+        """
         key = f.name
         self._adds[key] += 1
         if self._expected is None or not self.overlap:
             return
         k = self._bucket_of[key]
         if k < self._next:
-            raise RuntimeError(
-                f"factor {f.name} received more contributions this step ({self._adds[key]}) than on the first "
-                "refresh step after its bucket was sent; set overlap_comm=false for models whose layers run a "
-                "varying number of times per step")
+            self._late[key] = self._late.get(key, 0) + 1
+            return
         if self._adds[key] == self._expected.get(key, -1):
             self._final[k] += 1
             while self._next < len(self.buckets) and self._final[self._next] == len(self.buckets[self._next].factors):
@@ -184,60 +197,89 @@ class FactorReducer:
         self._launch_s += time.perf_counter() - t0
 
     # ---- the step -----------------------------------------------------------------------------------------------
-    def finish(self, decay: float, commit: bool = True) -> None:
-        """Launch the remaining buckets, wait, and commit (owners) / mark (others) every factor.
+    def complete(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Launch the remaining buckets, wait for all of them and unpack the owners' sums (no host sync).
 
-        Args:
-            decay: running-average decay for :meth:`SymmetricFactor.commit`.
-            commit: False discards this step's statistics (a skipped step) while keeping collectives aligned.
-
-        Raises:
-            FloatingPointError: (owner) naming the factor whose reduced estimate is NaN/Inf; with fp16 payloads the
-                message suggests bf16.
+        Returns:
+            Three float vectors over :attr:`factors` (their order), on the factors' device, for the agreement:
+            ``had`` (1 where this rank contributed), ``late`` (contributions that arrived after the factor's bucket
+            had left) and ``bad`` (1 where this rank owns the factor and the reduced sum is NaN/Inf).
         """
         while self._next < len(self.buckets):
             self._launch(self._next)
         me, world = rank(self.group), world_size(self.group)
-        flags = torch.tensor([x for _, _, had in self._flights for x in had], dtype=torch.float32)
         t0 = time.perf_counter()
-        all_reduce_sum(flags, self.group)  # number of ranks that contributed to each factor
         wait_all(h for _, h, _ in self._flights)
         wait_s = time.perf_counter() - t0
-        pos = 0
-        for bucket, (buf, _, _) in zip(self.buckets, self._flights, strict=True):
-            n_contrib = flags[pos : pos + len(bucket.factors)].tolist()
-            pos += len(bucket.factors)
-            mine = world == 1 or bucket.owner == me
-            totals = unpack_symmetric(buf.float(), [(f.blocks, f.dim) for f in bucket.factors]) if mine else []
-            for j, f in enumerate(bucket.factors):
-                if not commit:
-                    continue
-                if not mine:
-                    f.mark_committed(n_contrib[j] > 0)
-                    continue
-                try:
-                    f.commit(totals[j], n_contrib[j], decay)
-                except FloatingPointError as err:
-                    hint = " (fp16 factor payloads overflow above 65504: use comm_dtype bf16)" \
-                        if self.dtype == torch.float16 else ""
-                    raise FloatingPointError(f"{err}{hint}") from None
+        self._totals, self._had, owned = {}, {}, []
+        for bucket, (buf, _, had) in zip(self.buckets, self._flights, strict=True):
+            self._had.update({f.name: h for f, h in zip(bucket.factors, had, strict=True)})
+            if world == 1 or bucket.owner == me:
+                totals = unpack_symmetric(buf, [(f.blocks, f.dim) for f in bucket.factors])
+                self._totals.update({f.name: t for f, t in zip(bucket.factors, totals, strict=True)})
+                owned += totals
+        device = self.factors[0].device if self.factors else torch.device("cpu")
+        bad = torch.zeros(len(self.factors), device=device)
+        if owned:  # max-abs norm: NaN/Inf exactly when an entry is (a sum of squares could overflow)
+            norms = torch.stack(torch._foreach_norm(owned, float("inf")))
+            idx = [i for i, f in enumerate(self.factors) if f.name in self._totals]
+            bad[idx] = (~torch.isfinite(norms)).float()
+        had_v = torch.tensor([self._had[f.name] for f in self.factors], dtype=torch.float32, device=device)
+        late_v = torch.tensor([float(self._late.get(f.name, 0)) for f in self.factors], dtype=torch.float32,
+                              device=device)
         payload, dense = self._traffic
         self.stats = {"payload_bytes": float(payload if world > 1 else 0), "dense_bytes": float(dense),
                       "buckets": float(len(self.buckets)), "buckets_early": float(self._early),
                       "wait_s": wait_s, "launch_s": self._launch_s}
-        if self._expected is None and commit:
-            self._expected = {k: v for k, v in self._adds.items() if v > 0}
+        for f in self.factors:  # contributions that arrived after their bucket left belong to no step
+            f.take_local()
+        self._last_adds = dict(self._adds)
         self._reset()
+        return had_v, late_v, bad
+
+    def commit(self, contributors: Sequence[float], decay: float) -> None:
+        """Commit the completed step (after every rank agreed): owners fold Σ_r mean_r / #contributors into their
+        factors, others advance the versions. Provisional until :meth:`settle` (or undone by :meth:`rollback`).
+
+        Args:
+            contributors: per factor (:attr:`factors` order), the number of ranks that contributed (the reduced
+                ``had`` of :meth:`complete`).
+            decay: running-average decay for :meth:`SymmetricFactor.commit`.
+        """
+        for f, n in zip(self.factors, contributors, strict=True):
+            if f.name in self._totals:
+                f.commit(self._totals[f.name], n, decay)
+            else:
+                f.mark_committed(n > 0)
+        if self._expected is None:  # contributions per step, learned from the first committed refresh
+            self._expected = {k: v for k, v in self._last_adds.items() if v > 0}
+        self._totals = {}
+
+    def rollback(self) -> None:
+        """Undo :meth:`commit` (a later part of the step failed on some rank)."""
+        for f in self.factors:
+            f.rollback()
+
+    def settle(self) -> None:
+        """Make :meth:`commit` final."""
+        for f in self.factors:
+            f.settle()
 
     def discard(self) -> None:
-        """Drop this step's statistics (overflow or NaN step): collectives still complete so ranks stay aligned."""
-        self.finish(0.0, commit=False)
+        """Drop this step's statistics (a skipped step): pending buckets still complete so ranks stay aligned."""
+        self.complete()
+        self._totals = {}
 
     @property
     def in_flight(self) -> bool:
-        """True when buckets were launched since the last finish."""
+        """True when buckets were launched since the last :meth:`complete`."""
         return bool(self._flights)
 
     def adopt_counts(self, other: FactorReducer) -> None:
         """Take over the contributions ``other`` counted (re-planning before the first step; same factors)."""
         self._adds = {k: other._adds.get(k, 0) for k in self._adds}
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the packed buckets in flight now (payloads and the owners' unpacked sums)."""
+        held = sum(buf.numel() * buf.element_size() for buf, _, _ in self._flights)
+        return held + sum(t.numel() * t.element_size() for t in self._totals.values())

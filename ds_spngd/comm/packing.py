@@ -1,13 +1,15 @@
 """Packing symmetric factors as their upper triangles (Osawa et al. arXiv:1811.12019 §4.1).
 
-A symmetric d × d block travels as its d(d+1)/2 upper-triangle values, roughly halving factor traffic; a batch of B
-blocks travels as B·d(d+1)/2 values. Packing optionally casts to a communication dtype (fp32/bf16/fp16).
+A symmetric d × d block travels as its d(d+1)/2 upper-triangle values (row-major order), roughly halving factor
+traffic; a batch of B blocks travels as B·d(d+1)/2 values. Packing optionally casts to a communication dtype
+(fp32/bf16/fp16). The triangle's flat indices are made on the matrices' device for each call (int32 while d² fits,
+transient: no index tensors are kept alive between steps) and used by gathers whose output size is known in advance,
+so packing never waits on the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -20,20 +22,21 @@ def triu_numel(dim: int) -> int:
     return dim * (dim + 1) // 2
 
 
-@lru_cache(maxsize=256)
-def _triu_flat_index(dim: int, device_str: str) -> tuple[Tensor, Tensor]:
-    rows, cols = torch.triu_indices(dim, dim, device=device_str)
-    upper = rows * dim + cols
-    lower = cols * dim + rows
-    return upper, lower
+def _triu_flat(dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flat indices (row·d + col) of the upper triangle, row-major, and of its mirror in the lower triangle."""
+    dtype = torch.int32 if dim * dim < 2**31 else torch.int64
+    rows, cols = torch.triu_indices(dim, dim, dtype=dtype, device=device)
+    return rows * dim + cols, cols * dim + rows
 
 
-def pack_symmetric(mats: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+def pack_symmetric(mats: Sequence[Tensor], dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
     """Concatenate the upper triangles of batches of symmetric matrices into one flat buffer.
 
     Args:
-        mats: tensors of shape B_i × d_i × d_i (or d_i × d_i, treated as B_i = 1).
+        mats: tensors of shape B_i × d_i × d_i (or d_i × d_i, treated as B_i = 1), all on one device.
         dtype: communication dtype of the result (default: fp32).
+        device: device of an empty result (no ``mats``); otherwise the result is on the matrices' device.
 
     Returns:
         1-D tensor of length Σ B_i·d_i(d_i+1)/2.
@@ -42,10 +45,11 @@ def pack_symmetric(mats: Sequence[Tensor], dtype: torch.dtype | None = None) -> 
     for m in mats:
         m3 = m if m.dim() == 3 else m.unsqueeze(0)
         d = m3.shape[-1]
-        upper, _ = _triu_flat_index(d, str(m3.device))
+        upper, _ = _triu_flat(d, m3.device)
         parts.append(m3.reshape(m3.shape[0], d * d).index_select(1, upper).reshape(-1))
-    out = torch.cat(parts) if parts else torch.empty(0)
-    return out.to(dtype or torch.float32)
+    if not parts:
+        return torch.empty(0, dtype=dtype or torch.float32, device=device if device is not None else "cpu")
+    return torch.cat(parts).to(dtype or torch.float32)
 
 
 def unpack_symmetric(
@@ -73,9 +77,9 @@ def unpack_symmetric(
         n = b * triu_numel(d)
         chunk = flat[offset : offset + n].to(dtype).reshape(b, -1)
         offset += n
-        upper, lower = _triu_flat_index(d, str(flat.device))
+        upper, lower = _triu_flat(d, flat.device)
         full = torch.zeros(b, d * d, dtype=dtype, device=flat.device)
-        full.index_copy_(1, lower, chunk)
-        full.index_copy_(1, upper, chunk)
+        full[:, lower] = chunk
+        full[:, upper] = chunk
         out.append(full.reshape(b, d, d))
     return out

@@ -8,6 +8,12 @@ Statistics are captured by module hooks, never by reading ``p.grad`` (ZeRO frees
   :meth:`CaptureContext.example_scale` turns it into the per-example gradient ∂ℓ_i/∂s_i.
 
 On steps that do not refresh factors both hooks return at once, so the non-refresh step costs the same as SGD's.
+
+A block's preconditioner is built in two stages so that no rank can fail alone between collectives: its owner rank
+*drafts* it (:meth:`FisherBlock.draft_preconditioner`: Cholesky jobs whose status is checked for all blocks at once,
+see :mod:`ds_spngd.linalg`), every rank agrees that every draft succeeded, and only then is it *installed*
+(:meth:`FisherBlock.install_preconditioner`) — on every rank from the same flat buffer, so all ranks precondition
+with the same bits in the same memory layout.
 """
 
 from __future__ import annotations
@@ -24,8 +30,22 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ds_spngd.curvature.factor import SymmetricFactor
+from ds_spngd.linalg import InverseJob
 
-__all__ = ["CaptureContext", "FisherBlock"]
+__all__ = ["CaptureContext", "FisherBlock", "PreconditionerDraft"]
+
+
+@dataclass
+class PreconditionerDraft:
+    """A block's new preconditioner as computed on its owner, before every rank agreed to install it.
+
+    Attributes:
+        jobs: Cholesky inverses still to be checked (:func:`ds_spngd.linalg.finish_inverses`).
+        build: gives the tensors (in :meth:`FisherBlock.preconditioner_shapes` order) once the jobs are finished.
+    """
+
+    jobs: list[InverseJob]
+    build: Callable[[], list[Tensor]]
 
 
 @dataclass
@@ -118,6 +138,11 @@ class FisherBlock(ABC):
     def factors(self) -> list[SymmetricFactor]:
         """The block's factors in a fixed order (identical on every rank)."""
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the block's parameters, read now (DeepSpeed moves the model after the blocks were built)."""
+        return self.params[0].device
+
     def register(self) -> None:
         """Install the forward hook on the module."""
         if self._handle is None:
@@ -171,29 +196,32 @@ class FisherBlock(ABC):
         """
 
     @abstractmethod
-    def update_preconditioner(self, damping: float, method: str) -> None:
-        """Recompute the inverse/eigendecomposition from the committed factors.
+    def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
+        """Owner side: start computing the damped inverse/eigendecomposition from the committed factors, with no host
+        sync (the factors were checked finite by every rank together).
 
         Raises:
-            FloatingPointError: naming the block when a factor is NaN/Inf.
+            RuntimeError: the factors have no value on this rank (only their owner may draft).
+            ValueError: unknown ``method``.
+            torch.linalg.LinAlgError: an eigendecomposition did not converge (fp32 nor fp64).
         """
 
     @abstractmethod
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
-        """Shapes of the tensors :meth:`update_preconditioner` produces for ``method`` (what an owner sends)."""
+        """Shapes of the tensors a draft builds for ``method`` (what an owner sends)."""
 
     def preconditioner_tensors(self) -> list[Tensor]:
         """The current preconditioner's tensors (fp32), in :meth:`preconditioner_shapes` order.
 
         Raises:
-            RuntimeError: before the first update_preconditioner.
+            RuntimeError: when this rank holds none.
         """
         if self._inverse is None:
             raise RuntimeError(f"{self.name}: no preconditioner yet")
         return list(self._inverse)
 
-    def load_preconditioner(self, tensors: list[Tensor], method: str) -> None:
-        """Install a preconditioner computed by the block's owner rank.
+    def install_preconditioner(self, tensors: list[Tensor], method: str) -> None:
+        """Install a preconditioner (drafted by the block's owner rank, agreed by every rank).
 
         Raises:
             ValueError: when the shapes differ from :meth:`preconditioner_shapes`.
@@ -203,6 +231,12 @@ class FisherBlock(ABC):
             raise ValueError(f"{self.name}: preconditioner shapes {shapes} != {self.preconditioner_shapes(method)}")
         self._inverse = tuple(tensors)
         self._method = method
+        self.precond_ready = True
+
+    @property
+    def preconditioner_bytes(self) -> int:
+        """Bytes of the preconditioner tensors this rank holds."""
+        return 0 if self._inverse is None else sum(t.numel() * t.element_size() for t in self._inverse)
 
     @abstractmethod
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
@@ -239,7 +273,7 @@ class FisherBlock(ABC):
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore factors and preconditioner saved by :meth:`state_dict`.
+        """Restore factors and preconditioner saved by :meth:`state_dict`, moved to the block's device.
 
         Raises:
             KeyError: a factor is missing from the checkpoint.
@@ -251,7 +285,9 @@ class FisherBlock(ABC):
         inv = state.get("preconditioner")
         if inv is not None and not (isinstance(inv, (list, tuple)) and all(isinstance(t, Tensor) for t in inv)):
             raise ValueError(f"{self.name}: checkpoint preconditioner must be a list of tensors")
-        self._inverse = None if inv is None else tuple(t.float().clone() for t in inv)
+        dev = self.device
+        self._inverse = None if inv is None else tuple(t.to(device=dev, dtype=torch.float32).contiguous().clone()
+                                                       for t in inv)
         if state.get("method") is not None:
             self._method = str(state["method"])
         self.precond_ready = bool(state.get("ready", inv is not None))

@@ -11,7 +11,11 @@ block). It is built in three stages per factor-update step:
    value ← decay·value + (1 − decay)·estimate (Martens & Grosse 2015 §5; decay 0 keeps the current batch only, as in
    the SP-NGD recipe, Osawa et al. arXiv:1811.12019). Ranks that do not own the factor only ``mark_committed``,
    so ``version`` (and hence "has this factor been estimated") is identical on every rank while ``value`` lives on
-   the owner alone.
+   the owner alone. A commit is provisional until ``settle``: a step that fails after it (an inversion failing on
+   some rank) calls ``rollback`` and the factor is exactly as before the step.
+
+Tensors live on the device of the parameters the factor serves (``device``, read at use time: DeepSpeed moves the
+model after the optimizer was built), and accumulate in fp32 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class SymmetricFactor:
         blocks: B, the number of independent blocks (1 for Kronecker factors).
         final_in: ``"forward"`` when the factor's last contribution of a micro-batch arrives in the forward pass
             (K-FAC's A), ``"backward"`` otherwise (G, unit-wise blocks): the bucket order of the reduction.
+        device: callable giving the device of the parameters this factor serves (default: the CPU).
 
     Attributes:
         accum: B × d × d fp32 local sum of this step's contributions, or None when nothing was added.
@@ -42,16 +47,29 @@ class SymmetricFactor:
         on_add: called with the factor after every ``add`` (the reducer counts contributions to launch buckets).
     """
 
-    def __init__(self, name: str, dim: int, blocks: int = 1, final_in: str = "backward") -> None:
+    def __init__(self, name: str, dim: int, blocks: int = 1, final_in: str = "backward",
+                 device: Callable[[], torch.device] | None = None) -> None:
         self.name = name
         self.dim = dim
         self.blocks = blocks
         self.final_in = final_in
+        self._device = device
         self.on_add: Callable[[SymmetricFactor], None] | None = None
         self.accum: Tensor | None = None
         self.count: float = 0.0
         self.value: Tensor | None = None
         self.version: int = 0
+        self._backup: tuple[Tensor | None, int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where this factor's tensors live: the device of the parameters it serves."""
+        return self._device() if self._device is not None else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one fp32 B × d × d tensor of this factor (its value, or its accumulator)."""
+        return 4 * self.blocks * self.dim * self.dim
 
     @property
     def packed_numel(self) -> int:
@@ -92,26 +110,23 @@ class SymmetricFactor:
         """True once a global estimate was committed (on every rank, owner or not)."""
         return self.version > 0
 
-    def mark_committed(self, received: bool) -> None:
-        """Non-owner side of :meth:`commit`: keep ``version`` in step with the owner's (no value is held here)."""
-        if received:
-            self.version += 1
-
     def take_local(self) -> tuple[Tensor, float]:
         """Return (local sum, local count) for reduction and clear the accumulator.
 
-        A factor that received nothing this step contributes zeros (so collective shapes stay identical on every
-        rank) and count 0.
+        A factor that received nothing this step contributes zeros on :attr:`device` (so collective shapes stay
+        identical on every rank) and count 0.
         """
         acc = self.accum
         if acc is None:
-            acc = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32)
+            acc = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32, device=self.device)
         count = self.count
         self.accum, self.count = None, 0.0
         return acc, count
 
     def commit(self, total: Tensor, count: float, decay: float) -> bool:
-        """Fold a globally reduced sum into the running average.
+        """Fold a globally reduced sum into the running average (provisionally: see :meth:`rollback`).
+
+        The caller has checked that ``total`` is finite (:mod:`ds_spngd.comm.agreement`: every rank agrees first).
 
         Args:
             total: B × d × d reduced sum over all ranks and micro-batches.
@@ -120,31 +135,48 @@ class SymmetricFactor:
 
         Returns:
             False when ``count`` is 0 (no example reached this factor on any rank; value unchanged), else True.
-
-        Raises:
-            FloatingPointError: naming the factor when the new estimate holds NaN/Inf (the running average is left
-                untouched).
         """
         if count <= 0:
             return False
-        estimate = total.float() / count
-        if not bool(torch.isfinite(estimate).all()):
-            raise FloatingPointError(f"factor {self.name} is not finite (NaN/Inf in the layer's inputs or gradients)")
+        self._backup = (self.value, self.version)
+        estimate = total.to(device=self.device, dtype=torch.float32) / count
         if self.value is None or decay == 0.0:
             self.value = estimate
-        else:
-            self.value.mul_(decay).add_(estimate, alpha=1.0 - decay)
+        else:  # out of place: the old value stays intact for a rollback
+            self.value = self.value * decay + estimate * (1.0 - decay)
         self.version += 1
         return True
+
+    def mark_committed(self, received: bool) -> None:
+        """Non-owner side of :meth:`commit`: keep ``version`` in step with the owner's (no value is held here)."""
+        if received:
+            self._backup = (self.value, self.version)
+            self.version += 1
+
+    def rollback(self) -> None:
+        """Undo the last :meth:`commit` / :meth:`mark_committed` of this step (the step failed after it)."""
+        if self._backup is not None:
+            self.value, self.version = self._backup
+            self._backup = None
+
+    def settle(self) -> None:
+        """Make the last commit final (frees the backup reference)."""
+        self._backup = None
 
     def state_dict(self) -> dict[str, object]:
         return {"value": self.value, "version": self.version}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s value (moved to :attr:`device`, fp32) and version.
+
+        Raises:
+            ValueError: the saved value has the wrong shape.
+        """
         value = state["value"]
         if value is not None:
             if not isinstance(value, Tensor) or tuple(value.shape) != (self.blocks, self.dim, self.dim):
                 raise ValueError(f"factor {self.name}: checkpoint value has the wrong shape")
-            value = value.float().clone()
+            value = value.to(device=self.device, dtype=torch.float32).clone()
         self.value = value
         self.version = int(state["version"])  # type: ignore[call-overload]
+        self._backup = None

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft
 from ds_spngd.curvature.factor import SymmetricFactor
-from ds_spngd.linalg import damped_inverse, pi_correction, sym_eigh
+from ds_spngd.linalg import InverseJob, pi_correction, sym_eigh
 
 __all__ = ["KroneckerBlock", "kronecker_supported"]
 
@@ -66,8 +66,11 @@ class KroneckerBlock(FisherBlock):
         self.d_out = int(w.shape[0])
         self.has_bias = getattr(module, "bias", None) is not None
         d_in = int(w[0].numel()) + (1 if self.has_bias else 0)
-        self.a = SymmetricFactor(f"{name}.A", d_in, final_in="forward")
-        self.g = SymmetricFactor(f"{name}.G", self.d_out)
+        self.a = SymmetricFactor(f"{name}.A", d_in, final_in="forward", device=self._param_device)
+        self.g = SymmetricFactor(f"{name}.G", self.d_out, device=self._param_device)
+
+    def _param_device(self) -> torch.device:
+        return self.device
 
     @property
     def factors(self) -> list[SymmetricFactor]:
@@ -117,25 +120,21 @@ class KroneckerBlock(FisherBlock):
         return on_grad
 
     # ---- preconditioner ---------------------------------------------------------------------------------------
-    def update_preconditioner(self, damping: float, method: str) -> None:
+    def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
         a, g = self.a.value, self.g.value
         if a is None or g is None:
-            return
-        try:
-            if method == "inverse":
-                pi = pi_correction(a[0], g[0])
-                sq = math.sqrt(damping)
-                self._inverse = (damped_inverse(a[0], pi * sq), damped_inverse(g[0], sq / pi))
-            elif method == "eigen":
-                d_a, q_a = sym_eigh(a[0])
-                d_g, q_g = sym_eigh(g[0])
-                scale = 1.0 / (d_g.unsqueeze(1) * d_a.unsqueeze(0) + damping)
-                self._inverse = (q_a, q_g, scale)
-            else:
-                raise ValueError(f"unknown inverse_method {method!r}")
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{self.name}: {err}") from None
-        self._method = method
+            raise RuntimeError(f"{self.name}: its factors have no value on this rank (only the owner drafts)")
+        if method == "inverse":
+            pi = pi_correction(a[0], g[0])  # a 0-d tensor: no host sync
+            sq = math.sqrt(damping)
+            ja, jg = InverseJob.start(a[0], pi * sq), InverseJob.start(g[0], sq / pi)
+            return PreconditionerDraft([ja, jg], lambda: [ja.inverse, jg.inverse])
+        if method == "eigen":
+            d_a, q_a = sym_eigh(a[0], check=False)
+            d_g, q_g = sym_eigh(g[0], check=False)
+            scale = 1.0 / (d_g.unsqueeze(1) * d_a.unsqueeze(0) + damping)
+            return PreconditionerDraft([], lambda: [q_a, q_g, scale])
+        raise ValueError(f"unknown inverse_method {method!r}")
 
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
         da, dg = self.a.dim, self.g.dim
@@ -158,7 +157,7 @@ class KroneckerBlock(FisherBlock):
 
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         if self._inverse is None:
-            raise RuntimeError(f"{self.name}: precondition() before the first update_preconditioner()")
+            raise RuntimeError(f"{self.name}: precondition() before a preconditioner was installed")
         v = self.grad_matrix(grads)
         if self._method == "inverse":
             a_inv, g_inv = self._inverse

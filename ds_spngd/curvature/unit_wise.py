@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.linalg import damped_inverse_small
 
@@ -55,7 +55,10 @@ class UnitWiseBlock(FisherBlock):
         assert isinstance(w, Tensor)
         self.units = int(w.numel())
         self.k = 2 if getattr(module, "bias", None) is not None else 1
-        self.f = SymmetricFactor(f"{name}.F", self.k, blocks=self.units)
+        self.f = SymmetricFactor(f"{name}.F", self.k, blocks=self.units, device=self._param_device)
+
+    def _param_device(self) -> torch.device:
+        return self.device
 
     @property
     def factors(self) -> list[SymmetricFactor]:
@@ -105,19 +108,18 @@ class UnitWiseBlock(FisherBlock):
         return on_grad
 
     # ---- preconditioner ---------------------------------------------------------------------------------------
-    def update_preconditioner(self, damping: float, method: str) -> None:
+    def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
         if self.f.value is None:
-            return
-        if not bool(torch.isfinite(self.f.value).all()):
-            raise FloatingPointError(f"{self.name}: factor contains NaN or Inf")
-        self._inverse = (damped_inverse_small(self.f.value, damping),)
+            raise RuntimeError(f"{self.name}: its factor has no value on this rank (only the owner drafts)")
+        inverse = damped_inverse_small(self.f.value, damping)
+        return PreconditionerDraft([], lambda: [inverse])
 
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
         return [(self.units, self.k, self.k)]
 
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         if self._inverse is None:
-            raise RuntimeError(f"{self.name}: precondition() before the first update_preconditioner()")
+            raise RuntimeError(f"{self.name}: precondition() before a preconditioner was installed")
         u = torch.stack([g.float().reshape(-1) for g in grads], dim=-1)  # U × k
         out = torch.bmm(self._inverse[0], u.unsqueeze(-1)).squeeze(-1)
         return [out[:, j].reshape(grads[j].shape) for j in range(self.k)]

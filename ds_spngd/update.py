@@ -1,0 +1,106 @@
+"""SP-NGD's update rule after preconditioning: heavy-ball momentum, weight decay, KL-clipping and weight rescaling.
+
+Elementwise on whatever the optimizer's ``param_groups`` hold (whole parameters at ZeRO stage 0, this rank's flat
+fp32 partition at ZeRO 1/2), and free of host syncs: scalars that depend on the data (KL-clipping's ν, the weight
+norms) stay 0-d tensors on the device.
+
+* Heavy ball with weight decay added after preconditioning (as torch.optim.SGD adds it): d = ĝ + wd·w. With momentum
+  correction (Goyal et al. 2017, arXiv:1706.02677 §2.1) the velocity is v_t = η_t·u_t with u ← m·u + d
+  (torch.optim.SGD's buffer), i.e. v ← m·(η_t/η_{t−1})·v + η_t·d, well defined when η_{t−1} = 0; without it
+  v ← m·v + η_t·d. In both cases w ← w − v.
+* KL-clipping (Ba, Grosse & Martens, ICLR 2017): ĝ ← ν·ĝ, ν = min(1, sqrt(κ / (η² Σ_l ĝ_l·g_l))).
+* Weight rescaling (SP-NGD, Osawa et al. arXiv:1811.12019): each preconditioned Linear/Conv2d weight with
+  ‖W‖_F > sqrt(2·d_out) is rescaled to that norm (norms summed over ZeRO fragments).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["kl_clip_factor", "apply_group", "rescale_bounds", "rescale_weights"]
+
+
+def kl_clip_factor(kappa: float, lr: float, vg: Tensor) -> Tensor:
+    """ν = min(1, sqrt(κ / (η²·vg))) as a 0-d tensor (1 when vg ≤ 0, or at η = 0 where nothing moves).
+
+    Args:
+        kappa: κ > 0.
+        lr: η.
+        vg: Σ_l ĝ_l·g_l, a 0-d tensor (any float dtype).
+    """
+    one = torch.ones((), dtype=vg.dtype, device=vg.device)
+    if lr == 0.0:  # a warmup's first step: no clipping needed, and ν's formula would divide by 0
+        return one
+    safe = torch.where(vg > 0, vg, one)
+    return torch.where(vg > 0, torch.clamp(torch.sqrt(kappa / (lr * lr * safe)), max=1.0), one)
+
+
+def apply_group(group: dict[str, Any], gi: int, state: Any, directions: dict[tuple[int, int], Tensor],
+                momentum_correction: bool) -> None:
+    """Momentum, weight decay and the parameter update for one parameter group (see the module docstring).
+
+    Args:
+        group: the group (``lr``, ``momentum``, ``weight_decay``, ``params``).
+        gi: its index.
+        state: the optimizer's per-parameter state (``momentum_buffer`` lives there, fp32).
+        directions: (group, index) → F̂⁻¹g for preconditioned parameters; the others use their gradient.
+        momentum_correction: Goyal et al.'s correction (the buffer holds u with v = η·u).
+    """
+    lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+    for pi, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        d = directions.get((gi, pi))
+        d = p.grad.float() if d is None else d
+        if wd != 0.0:
+            d = d.add(p.float(), alpha=wd)
+        if m == 0.0:
+            p.add_(d.to(p.dtype), alpha=-lr)
+            continue
+        st = state[p]
+        buf = st.get("momentum_buffer")
+        if momentum_correction:  # u ← m·u + d; w ← w − η·u  (v = η·u: corrected heavy ball)
+            if buf is None:
+                buf = st["momentum_buffer"] = d.clone()
+            else:
+                buf.mul_(m).add_(d)
+            p.add_(buf.to(p.dtype), alpha=-lr)
+        else:  # v ← m·v + η·d; w ← w − v
+            if buf is None:
+                buf = st["momentum_buffer"] = d.mul(lr)
+            else:
+                buf.mul_(m).add_(d, alpha=lr)
+            p.sub_(buf.to(p.dtype))
+
+
+def rescale_bounds(d_out: Sequence[int], device: torch.device) -> Tensor:
+    """sqrt(2·d_out) per block (fp64, on ``device``): the He-initialization norm SP-NGD rescales weights to."""
+    return torch.tensor([math.sqrt(2.0 * d) for d in d_out], dtype=torch.float64, device="cpu").to(device)
+
+
+def rescale_weights(pieces: Sequence[Sequence[Tensor]], bound: Tensor, reduce: Any) -> None:
+    """Rescale every weight with ‖W‖_F > sqrt(2·d_out) to that norm, in place, without a host sync.
+
+    Args:
+        pieces: per block, the fp32 (master) tensor(s) holding this rank's part of the weight (whole at stage 0,
+            a ZeRO fragment or nothing at stages 1/2).
+        bound: per block, sqrt(2·d_out) (:func:`rescale_bounds`), on the weights' device.
+        reduce: sums a vector of per-block squared norms over the ranks holding pieces (identity at stage 0).
+    """
+    if not pieces:
+        return
+    zero = torch.zeros((), dtype=torch.float64, device=bound.device)
+    squares = torch.stack([
+        sum((torch.linalg.vector_norm(w, dtype=torch.float64).pow(2) for w in ws), zero) for ws in pieces])
+    squares = reduce(squares)
+    norm = squares.sqrt()
+    scale = torch.where(norm > bound, bound / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                        torch.ones_like(norm))
+    for j, ws in enumerate(pieces):
+        for w in ws:
+            w.mul_(scale[j])
