@@ -39,6 +39,8 @@ DEFAULTS = {
     "comm_dtype": "auto",
     "bucket_cap_mb": 4.0,
     "overlap_comm": True,
+    "nonfinite": "raise",
+    "max_consecutive_skips": 10,
 }
 
 # a valid non-default value for every public key
@@ -62,6 +64,8 @@ VALID = {
     "comm_dtype": "bf16",
     "bucket_cap_mb": 0.5,
     "overlap_comm": False,
+    "nonfinite": "skip",
+    "max_consecutive_skips": 3,
 }
 
 # (key, value of a wrong type)
@@ -91,6 +95,10 @@ WRONG_TYPE = [
     ("bucket_cap_mb", "big"),
     ("bucket_cap_mb", True),
     ("overlap_comm", "yes please"),
+    ("nonfinite", 1),
+    ("max_consecutive_skips", "ten"),
+    ("max_consecutive_skips", True),
+    ("max_consecutive_skips", 2.5),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -121,6 +129,8 @@ OUT_OF_RANGE = [
     ("comm_dtype", "fp8"),
     ("bucket_cap_mb", 0.0),
     ("bucket_cap_mb", -1.0),
+    ("nonfinite", "ignore"),
+    ("max_consecutive_skips", 0),
 ]
 
 

@@ -9,49 +9,9 @@ parameter scale / absolute on the loss) are stated per test; fp32 differences co
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-WORKER = Path(__file__).with_name("dist_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch(world: int, cases: list[dict], out: Path) -> list[dict]:
-    """Run the cases on ``world`` gloo ranks; returns per case {"params", "loss", "stats": [rank0 steps, ...]}."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), json.dumps(cases)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=900)
-        logs.append(stdout)
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, f"rank failed:\n{log[-4000:]}"
-    results = []
-    for i in range(len(cases)):
-        r = torch.load(out / f"{i}.pt")
-        r["stats"] = [torch.load(out / f"{i}.r{k}.pt") for k in range(world)]
-        results.append(r)
-    return results
-
+from _ranks import launch
 
 BASE = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 6}
 FULL = {**BASE, "steps": 20, "kl_clip": 0.05, "weight_rescale": True}  # every partitioned code path

@@ -56,9 +56,18 @@ def test_reducer_orders_forward_factors_first_and_backward_reversed() -> None:
     assert [b.factors[0].name for b in r.buckets] == ["l1.A", "l2.A", "l2.G", "l1.G"]
 
 
+def _finish(r: FactorReducer, decay: float) -> tuple[list[float], list[float], list[float]]:
+    """What the optimizer does at world size 1: complete, (no other rank to agree with), commit, settle."""
+    had, late, bad = (v.tolist() for v in r.complete())
+    r.commit(had, decay)
+    r.settle()
+    return had, late, bad
+
+
 def test_reducer_launches_final_buckets_early_and_commits_the_mean() -> None:
     """World 1: after the learning step, a bucket leaves as soon as its factors got their last contribution; the
-    committed estimate is the per-example mean; an extra contribution after the launch is refused."""
+    committed estimate is the per-example mean; an extra contribution after the launch is reported (not raised in
+    the hook, where only this rank would stop) and belongs to no step."""
     gen = torch.Generator().manual_seed(0)
     fs = [SymmetricFactor("a", 3, final_in="forward"), SymmetricFactor("g", 2)]
     r = FactorReducer(fs, [0, 0], bucket_cap_bytes=1)
@@ -66,7 +75,7 @@ def test_reducer_launches_final_buckets_early_and_commits_the_mean() -> None:
     for _ in range(2):  # learning step: two micro-batches
         fs[0].add(rows[0], 1.0, 4)
         fs[1].add(rows[1], 0.5, 4)
-    r.finish(decay=0.0)
+    assert _finish(r, 0.0) == ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0])
     assert r.stats["buckets_early"] == 0
     torch.testing.assert_close(fs[0].value[0], rows[0].t() @ rows[0] / 4)
     torch.testing.assert_close(fs[1].value[0], 0.5 * rows[1].t() @ rows[1] / 4)
@@ -74,22 +83,41 @@ def test_reducer_launches_final_buckets_early_and_commits_the_mean() -> None:
     assert not r.in_flight
     fs[0].add(2 * rows[0], 1.0, 4)  # second (last) contribution: bucket "a" leaves now
     assert r.in_flight
-    with pytest.raises(RuntimeError, match="more contributions"):
-        fs[0].add(rows[0], 1.0, 4)
     fs[1].add(rows[1], 1.0, 4)
     fs[1].add(rows[1], 1.0, 4)
-    r.finish(decay=0.5)
+    assert _finish(r, 0.5)[1] == [0.0, 0.0]
     assert r.stats["buckets_early"] == 2
     a_new = (rows[0].t() @ rows[0] + 4 * rows[0].t() @ rows[0]) / 8
     torch.testing.assert_close(fs[0].value[0], 0.5 * rows[0].t() @ rows[0] / 4 + 0.5 * a_new)
+    a_value = fs[0].value.clone()
+    for _ in range(2):
+        fs[0].add(rows[0], 1.0, 4)
+    fs[0].add(rows[0], 1.0, 4)  # a third contribution after "a" left: reported as late
+    assert fs[0].accum is not None
+    had, late, bad = (v.tolist() for v in r.complete())
+    assert late == [1.0, 0.0] and bad == [0.0, 0.0]
+    assert fs[0].accum is None  # the late contribution is dropped, not carried into the next step
+    assert torch.equal(fs[0].value, a_value)  # nothing committed without the caller's commit
 
 
-def test_reducer_discard_keeps_factors() -> None:
+def test_reducer_reports_non_finite_sums_rolls_back_and_discards() -> None:
+    """A NaN/Inf reduced factor is flagged (on its owner) instead of raised; a commit can be rolled back exactly; a
+    discarded step (DeepSpeed's overflow skip) leaves the factor as it was."""
     f = SymmetricFactor("a", 2)
     r = FactorReducer([f], [0])
     f.add(torch.ones(3, 2), 1.0, 3)
-    r.finish(decay=0.9)
+    _finish(r, 0.9)
     value, version = f.value.clone(), f.version
+    f.add(torch.full((3, 2), float("inf")), 1.0, 3)
+    had, late, bad = (v.tolist() for v in r.complete())
+    assert bad == [1.0] and had == [1.0] and late == [0.0]
+    assert torch.equal(f.value, value) and f.version == version and f.accum is None
+    f.add(2 * torch.ones(3, 2), 1.0, 3)
+    had, _, _ = (v.tolist() for v in r.complete())
+    r.commit(had, 0.5)
+    assert f.version == version + 1 and not torch.equal(f.value, value)
+    r.rollback()
+    assert torch.equal(f.value, value) and f.version == version
     f.add(torch.full((3, 2), float("inf")), 1.0, 3)
     r.discard()
     assert torch.equal(f.value, value) and f.version == version and f.accum is None
