@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> RunResult:
     engine, _, _, _ = ds_spngd.initialize(args=args, model=model, model_parameters=model.parameters(), config=config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     check_buffer_dtypes(engine.module, dtype)
+    spngd = ds_spngd.get_spngd(engine)
+    skips_nonfinite = spngd is not None and spngd.cfg.nonfinite == "skip"  # SP-NGD skips such steps on every rank
 
     total_steps = math.ceil(args.epochs * spe)
     if args.max_steps is not None:
@@ -252,10 +254,10 @@ def main(argv: list[str] | None = None) -> RunResult:
                 if world > 1:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
                 loss_value = float(loss_sum) / (gas * world)
-                if not math.isfinite(loss_value):
+                if not math.isfinite(loss_value) and not skips_nonfinite:
                     raise FloatingPointError(
                         f"non-finite training loss {loss_value} at optimizer step {step + 1} (epoch {epoch}); "
-                        "stopped before applying the update"
+                        'stopped before applying the update (SP-NGD with "nonfinite": "skip" skips such steps)'
                     )
             engine.step()
         step += 1
