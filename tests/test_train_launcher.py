@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -115,14 +116,17 @@ def _poison_second_loss(train: ModuleType, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.fixture
-def single_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Environment of a 1-rank launch, so train.main() can run inside pytest."""
+def single_rank_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Environment of a 1-rank launch, so train.main() can run inside pytest (DeepSpeed's /dev/shm buffer of the
+    port is removed afterwards)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
+    yield
+    remove_shm_buffers(port)
 
 
 @pytest.mark.launcher
