@@ -87,6 +87,8 @@ class InverseJob:
         matrix: the (…, d, d) fp32 factor.
         damping: added to the diagonal (a float or a 0-d tensor, e.g. π·√λ).
         inverse: the result, contiguous and symmetrized; valid once :func:`finish_inverses` ran.
+        error: set by :func:`finish_inverses` when even the eigendecomposition fallback failed (``inverse`` is then
+            not valid).
         failed: 0-d bool tensor, True when the Cholesky factorization failed (the inverse is then recomputed from an
             eigendecomposition with eigenvalues clamped at 0, the same matrix in exact arithmetic).
     """
@@ -95,6 +97,7 @@ class InverseJob:
     damping: Tensor | float
     inverse: Tensor
     failed: Tensor
+    error: str | None = None
 
     @classmethod
     def start(cls, m: Tensor, damping: Tensor | float) -> InverseJob:
@@ -112,15 +115,18 @@ class InverseJob:
 def finish_inverses(jobs: Sequence[InverseJob]) -> None:
     """Check every job's factorization with one host sync and recompute the failed ones by eigendecomposition.
 
-    Raises:
-        torch.linalg.LinAlgError: the eigendecomposition of a failed job did not converge (fp32 nor fp64).
+    A job whose eigendecomposition does not converge either (fp32 nor fp64) gets ``error`` set; the others are
+    finished regardless, so a caller can name exactly the factors that failed.
     """
     if not jobs:
         return
     failed = torch.stack([j.failed for j in jobs]).tolist()
     for job, bad in zip(jobs, failed, strict=True):
         if bad:
-            job.inverse = _eigen_inverse(job.matrix, job.damping)
+            try:
+                job.inverse = _eigen_inverse(job.matrix, job.damping)
+            except torch.linalg.LinAlgError as err:
+                job.error = str(err)
 
 
 def damped_inverse(m: Tensor, damping: float) -> Tensor:
@@ -139,11 +145,14 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
 
     Raises:
         FloatingPointError: when ``m`` holds NaN/Inf.
+        torch.linalg.LinAlgError: the Cholesky and the eigendecomposition fallback both failed.
     """
     if not bool(torch.isfinite(m).all()):
         raise FloatingPointError("factor contains NaN or Inf")
     job = InverseJob.start(m, damping)
     finish_inverses([job])
+    if job.error is not None:
+        raise torch.linalg.LinAlgError(job.error)
     return job.inverse
 
 

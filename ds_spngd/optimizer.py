@@ -241,8 +241,10 @@ class SPNGD(torch.optim.Optimizer):
                             "often this step than on the first refresh step); set overlap_comm=false for models "
                             "whose layers run a varying number of times per step", numerical=False)
                     for f, k in zip(factors, late, strict=True) if k]
+        hint = " — fp16 factor payloads overflow above 65504: use comm_dtype bf16" \
+            if self.reducer.dtype == torch.float16 else ""
         problems += [Problem(f.name, "NaN/Inf in the reduced factor statistics (the layer's inputs or output gradients "
-                             "overflowed on at least one rank)") for f, k in zip(factors, bad, strict=True) if k]
+                             f"overflowed on at least one rank){hint}") for f, k in zip(factors, bad, strict=True) if k]
         problems += [Problem(name, f"gradient holds NaN/Inf (seen on {int(k)} rank(s))")
                      for name, k in zip(self.grads.names, grads, strict=True) if k]
         if problems:
@@ -352,7 +354,6 @@ class SPNGD(torch.optim.Optimizer):
         if cfg.weight_rescale:
             self._rescale_weights(device)
         stats["refresh"], stats["invert"], stats["skipped"] = float(refresh), float(invert), 0.0
-        stats["skipped_steps"] = float(self.skipped_steps)
         stats["optimizer_s"] = time.perf_counter() - t_start
         self._stats = stats
         self.steps += 1
@@ -389,7 +390,7 @@ class SPNGD(torch.optim.Optimizer):
         self.skipped_steps += 1
         self.consecutive_skips += 1
         self.last_skip_reason = reason
-        self._stats = {"skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+        self._stats = {"skipped": 1.0}
         if self.rank == 0:
             logger.warning("SP-NGD skipped a step (%d in a row, %d in all): %s", self.consecutive_skips,
                            self.skipped_steps, reason)

@@ -209,3 +209,21 @@ def test_sharded_state_merges_owned_factors() -> None:
     bad["steps"] = 7
     with pytest.raises(ValueError, match="different steps"):
         opt2.load_sharded_state([shard0, bad])
+
+
+def test_fp16_payload_overflow_is_named_with_the_fix() -> None:
+    """Inputs of magnitude 1e3 make A's entries ~1e6: finite in fp32, Inf in an fp16 payload (max 65504). The agreed
+    error names the factor and says to use bf16; with a bf16 payload the same step runs."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = 1e3 * torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    for dtype in ("fp16", "bf16"):
+        torch.manual_seed(0)
+        m = _Net()
+        opt = SPNGD(m.parameters(), model=m, config={"lr": 0.1, "comm_dtype": dtype})
+        F.cross_entropy(m(x), y).backward()
+        if dtype == "fp16":
+            with pytest.raises(FloatingPointError, match=r"fc1\.A.*use comm_dtype bf16"):
+                opt.step()
+        else:
+            opt.step()
+            assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -227,3 +227,30 @@ def test_damped_inverse_small_symmetrizes_off_diagonal() -> None:
 def test_damped_inverse_small_rejects_3x3() -> None:
     with pytest.raises(ValueError, match="3x3"):
         damped_inverse_small(torch.eye(3).expand(4, 3, 3), 0.1)
+
+
+def test_finish_inverses_isolates_a_failed_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs whose Cholesky fails; the eigendecomposition of the second one does not converge either: only that
+    job carries the error (so the optimizer names only its layer), the first is finished correctly."""
+    from ds_spngd.linalg import InverseJob, finish_inverses
+
+    good, bad = _psd(5, 5, seed=1).float(), _psd(4, 4, seed=2).float()
+    real_chol, real_eigh = torch.linalg.cholesky_ex, torch.linalg.eigh
+
+    def failing_cholesky_ex(a: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        chol, info = real_chol(a, *args, **kwargs)
+        return chol, torch.ones_like(info)
+
+    def eigh(a: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if a.shape[-1] == 4:
+            raise torch.linalg.LinAlgError("injected: did not converge")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky_ex)
+    jobs = [InverseJob.start(good, 0.1), InverseJob.start(bad, 0.1)]
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    finish_inverses(jobs)
+    assert jobs[0].error is None and jobs[1].error is not None
+    assert _rel_err(jobs[0].inverse, _ref_inverse(good.double(), 0.1)) < 1e-5
+    with pytest.raises(torch.linalg.LinAlgError):
+        damped_inverse(bad, 0.1)

@@ -31,7 +31,6 @@ __all__ = ["agree", "Problem", "StepFailure", "INVERSION_FAILURES", "describe_pr
 #: failure codes an owner writes for a block whose preconditioner it could not build (index = code)
 INVERSION_FAILURES = (
     "",
-    "its factor is not finite",
     "the solver failed (eigendecomposition did not converge)",
     "the preconditioner came out non-finite (factor too ill-conditioned for fp32 at this damping)",
     "an unexpected error on the owner rank (its log has the traceback)",

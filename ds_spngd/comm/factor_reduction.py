@@ -134,7 +134,6 @@ class FactorReducer:
         self.dtype = comm_dtype
         self.overlap = overlap
         self.factors = list(factors)
-        self.owners = list(owners)
         # keyed by factor name (unique per model; survives copy.deepcopy of a model whose hooks reach the factors)
         if len({f.name for f in factors}) != len(factors):
             raise ValueError("factor names must be unique")
@@ -232,7 +231,8 @@ class FactorReducer:
                       "buckets": float(len(self.buckets)), "buckets_early": float(self._early),
                       "wait_s": wait_s, "launch_s": self._launch_s}
         for f in self.factors:  # contributions that arrived after their bucket left belong to no step
-            f.take_local()
+            if f.accum is not None:
+                f.take_local()
         self._last_adds = dict(self._adds)
         self._reset()
         return had_v, late_v, bad

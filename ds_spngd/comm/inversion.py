@@ -69,19 +69,17 @@ def _draft_all(blocks: Sequence[FisherBlock], ids: Sequence[int], damping: float
             drafts[i] = blocks[i].draft_preconditioner(damping, method)
         except torch.linalg.LinAlgError as err:
             logger.error("SP-NGD: inverting %s failed: %s", blocks[i].name, err)
-            codes[i] = 2.0
+            codes[i] = 1.0
         except Exception:  # noqa: BLE001 - any error here must reach every rank through the agreement, not hang it
             logger.exception("SP-NGD: drafting the preconditioner of %s failed", blocks[i].name)
-            codes[i] = 4.0
-    jobs = [j for d in drafts.values() for j in d.jobs]
-    try:
-        finish_inverses(jobs)
-    except torch.linalg.LinAlgError as err:  # an eigendecomposition fallback did not converge
-        logger.error("SP-NGD: eigendecomposition fallback failed: %s", err)
-        for i, d in list(drafts.items()):
-            if d.jobs:
-                codes[i] = 2.0
-                del drafts[i]
+            codes[i] = 3.0
+    finish_inverses([j for d in drafts.values() for j in d.jobs])
+    for i, d in list(drafts.items()):
+        errors = [j.error for j in d.jobs if j.error is not None]
+        if errors:  # the eigendecomposition fallback of one of its factors did not converge
+            logger.error("SP-NGD: inverting %s failed: %s", blocks[i].name, errors[0])
+            codes[i] = 1.0
+            del drafts[i]
     built = {i: d.build() for i, d in drafts.items()}
     if built:
         ids_built = list(built)
@@ -92,7 +90,7 @@ def _draft_all(blocks: Sequence[FisherBlock], ids: Sequence[int], damping: float
             per_block.append(torch.stack(norms[k : k + n]).sum())
             k += n
         bad = ~torch.isfinite(torch.stack(per_block))
-        codes[ids_built] = torch.where(bad, torch.full_like(codes[ids_built], 3.0), codes[ids_built])
+        codes[ids_built] = torch.where(bad, torch.full_like(codes[ids_built], 2.0), codes[ids_built])
     return built, codes
 
 

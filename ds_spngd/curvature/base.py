@@ -143,6 +143,10 @@ class FisherBlock(ABC):
         """The device of the block's parameters, read now (DeepSpeed moves the model after the blocks were built)."""
         return self.params[0].device
 
+    def _param_device(self) -> torch.device:
+        """:attr:`device` as a callable, for the block's factors (they read it at use time)."""
+        return self.device
+
     def register(self) -> None:
         """Install the forward hook on the module."""
         if self._handle is None:

@@ -69,9 +69,6 @@ class KroneckerBlock(FisherBlock):
         self.a = SymmetricFactor(f"{name}.A", d_in, final_in="forward", device=self._param_device)
         self.g = SymmetricFactor(f"{name}.G", self.d_out, device=self._param_device)
 
-    def _param_device(self) -> torch.device:
-        return self.device
-
     @property
     def factors(self) -> list[SymmetricFactor]:
         return [self.a, self.g]

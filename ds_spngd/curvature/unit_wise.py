@@ -57,9 +57,6 @@ class UnitWiseBlock(FisherBlock):
         self.k = 2 if getattr(module, "bias", None) is not None else 1
         self.f = SymmetricFactor(f"{name}.F", self.k, blocks=self.units, device=self._param_device)
 
-    def _param_device(self) -> torch.device:
-        return self.device
-
     @property
     def factors(self) -> list[SymmetricFactor]:
         return [self.f]
