@@ -54,8 +54,24 @@ class SPNGDConfig(BaseModel):
             Linear/Conv2d weight W with ‖W‖_F > sqrt(2·d_out) to that norm.
         momentum_correction: multiply the velocity by η_t/η_{t−1} when the learning rate changes (Goyal et al. 2017,
             arXiv:1706.02677 §2.1); the velocity holds η·(update) so the correction keeps the step continuous.
-        loss_reduction: how the training loss reduces over a micro-batch: ``"mean"`` (default, DeepSpeed convention) or
-            ``"sum"``. Used to recover per-example gradients for G from the gradient of the reduced loss.
+        loss_reduction: how the training loss reduces over its terms in a micro-batch: ``"mean"`` (default: the
+            DeepSpeed / Hugging Face convention — averaged over the examples of a classifier, over the tokens that
+            carry a label of a language model) or ``"sum"``. Used to recover per-term gradients for the factors from
+            the gradient of the reduced loss. The number of loss terms is counted on each refresh step from the
+            model output's gradient (N × C logits: N; N × T × V logits: the positions whose gradient row is not
+            zero, i.e. not ``ignore_index``), so the factors are the Fisher of the loss *per term* at any sequence
+            length.
+        kfac_approx: how a layer applied at several positions (N × T × d inputs) shares its weight (Eschenhagen et
+            al., NeurIPS 2023, arXiv:2311.00636): ``"expand"`` (default; positions act as examples — language models,
+            one loss term per token) or ``"reduce"`` (positions pooled per example — e.g. a ViT classifier; A from
+            the mean input over positions, G from the summed output gradient; cheaper, O(N·d²) instead of O(N·T·d²)).
+            Positions whose output gradient is exactly zero (padding, ignored labels) are left out of both factors.
+            Embeddings always use expand (their reduce input factor would be a dense vocab² matrix).
+        max_factor_dim: a Kronecker factor side larger than this (e.g. a 50257-token vocabulary) is not held as a
+            dense d × d matrix but as ``large_dim_method`` says (the spirit of Distributed Shampoo's
+            ``max_preconditioner_dim``, arXiv:2309.06497).
+        large_dim_method: ``"block"`` (default: block-diagonal with ⌈d/max_factor_dim⌉ equal blocks, each inverted on
+            its own — Cholesky cost falls from d³ to d·max_factor_dim²) or ``"diagonal"`` (the side's diagonal only).
         skip_modules: module names (as in ``model.named_modules()``; a name matches itself and its children) that are
             left to the plain momentum-SGD update.
         precondition_mode: where the preconditioning happens (the spirit of KAISA's grad_worker_fraction,
@@ -77,6 +93,10 @@ class SPNGDConfig(BaseModel):
             ``skipped_steps`` and holds the LR scheduler). "raise" is the default because in fp32/bf16 training a
             NaN usually means divergence or bad data, which a silent skip would hide; fp16 overflow is already
             skipped by DeepSpeed's loss scaler whatever this key says.
+        memory_check: before the first step, compare the SP-NGD memory planned for every rank
+            (:func:`ds_spngd.memory.memory_plan`) with the memory free on the parameters' device and raise
+            :class:`MemoryError` naming the largest layer, the bytes per rank and the keys to turn, instead of running
+            out of memory mid-step.
         max_consecutive_skips: with ``nonfinite: "skip"``, at most this many steps in a row may be skipped; the next
             consecutive failure raises FloatingPointError (a run that keeps failing is not recovering).
     """
@@ -97,6 +117,10 @@ class SPNGDConfig(BaseModel):
     weight_rescale: bool = False
     momentum_correction: bool = True
     loss_reduction: Literal["mean", "sum"] = "mean"
+    kfac_approx: Literal["expand", "reduce"] = "expand"
+    max_factor_dim: int = Field(4096, ge=1)
+    large_dim_method: Literal["block", "diagonal"] = "block"
+    memory_check: bool = True
     skip_modules: tuple[str, ...] = ()
     precondition_mode: Literal["comm_opt", "mem_opt"] = "comm_opt"
     comm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -107,7 +131,7 @@ class SPNGDConfig(BaseModel):
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
-        "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", mode="before",
+        "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:

@@ -38,11 +38,12 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.utils import log_dist
+from deepspeed.utils import lazy_init_hp_params_optimizer_state, log_dist
 
 from ds_spngd.checkpoint import SHARD_PATTERN
 from ds_spngd.comm.collectives import rank, world_size
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
+from ds_spngd.gradients import PartitionedGradients
 from ds_spngd.memory import CATEGORIES, format_memory
 from ds_spngd.optimizer import SPNGD
 
@@ -214,7 +215,9 @@ def memory_report(spngd: SPNGD) -> str:
 def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
     """Glue an SP-NGD optimizer to a DeepSpeed engine built with it (done by :func:`initialize`).
 
-    * data-parallel group, ZeRO partitions and gradient accumulation;
+    * data-parallel group, ZeRO partitions and gradient accumulation; under ZeRO 1/2 the write-back of parameter
+      groups DeepSpeed stepped before the last one (:mod:`ds_spngd.gradients`) and the re-link of DeepSpeed's
+      optimizer-state fragments to SP-NGD's momentum (:func:`_glue_zero_partitions`);
     * fp16: the hooks divide by the engine's current loss scale;
     * ``engine.step``: a step DeepSpeed skipped (fp16 overflow) drops this step's factor statistics and leaves
       factors, preconditioners, momentum and counters as they were; a skipped step without fp16 (NaN/Inf gradients
@@ -225,6 +228,8 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
     """
     spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
     spngd.setup_distributed(getattr(engine, "data_parallel_group", None))
+    relink = _glue_zero_partitions(getattr(engine, "optimizer", None), spngd)
+    stale_links = [relink is not None]
     if fp16:
         spngd.set_loss_scale_fn(lambda: float(engine.optimizer.loss_scale))
     times = {"forward_s": 0.0, "backward_s": 0.0}
@@ -250,6 +255,9 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
         out = orig_step(*a, **k)
         if not boundary:
             return out
+        if relink is not None and stale_links[0] and spngd.steps != before[0]:
+            relink()
+            stale_links[0] = False
         if (spngd.steps, spngd.skipped_steps) == before:  # DeepSpeed skipped the optimizer step itself
             spngd.discard_step()
             if not fp16:  # outside fp16 loss scaling, DeepSpeed skips for NaN/Inf gradient norms (ZeRO, bf16)
@@ -286,10 +294,40 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
         # read onto the CPU (the shards may come from other devices); load_sharded_state moves every tensor to its
         # block's device
         spngd.load_sharded_state([torch.load(f, map_location="cpu", weights_only=False) for f in files])
+        stale_links[0] = relink is not None
         return out
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
+
+
+def _glue_zero_partitions(wrapper: Any, spngd: SPNGD) -> Callable[[], None] | None:
+    """ZeRO 1/2 (DeepSpeedZeroOptimizer) glue: the write-back SP-NGD needs when DeepSpeed steps several parameter
+    groups one at a time (:mod:`ds_spngd.gradients`), and the re-link of DeepSpeed's optimizer-state fragments.
+
+    DeepSpeed links each parameter's ``_hp_mapping.optim_fragment`` (what ``deepspeed.utils.
+    safe_get_full_optimizer_state`` reads) once, right after the first group's ``step()`` call (stage_1_and_2.py
+    l. 2987, 852–857) and not again after loading a checkpoint; SP-NGD creates its momentum buffers on the last
+    group's call (or not at all on a skipped first step). The returned function links them again; ``attach`` calls
+    it after the first applied step, and again after the first applied step that follows each ``load_checkpoint``.
+    None for other wrappers (BF16_Optimizer steps every group in one call and links after it).
+    """
+    needed = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group",
+              "bit16_groups")
+    if not isinstance(spngd.grads, PartitionedGradients) or not all(hasattr(wrapper, a) for a in needed):
+        return None
+
+    def write_back(i: int) -> None:  # DeepSpeed's own copy after group i's step (stage_1_and_2.py l. 3143–3145)
+        part = rank(wrapper.real_dp_process_group[i])
+        wrapper.parallel_partitioned_bit16_groups[i][part].data.copy_(wrapper.single_partition_of_fp32_groups[i].data)
+
+    spngd.grads.write_back = write_back
+
+    def relink() -> None:
+        for lp_params, flat in zip(wrapper.bit16_groups, wrapper.single_partition_of_fp32_groups, strict=True):
+            lazy_init_hp_params_optimizer_state(lp_params, flat, spngd.state)
+
+    return relink
 
 
 def _barrier() -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["pi_correction", "damped_inverse", "sym_eigh", "damped_inverse_small", "InverseJob", "finish_inverses"]
+__all__ = ["pi_correction", "pi_from_traces", "damped_inverse", "sym_eigh", "damped_inverse_small", "InverseJob",
+           "finish_inverses"]
 
 
 def pi_correction(a: Tensor, g: Tensor) -> Tensor:
@@ -36,6 +37,13 @@ def pi_correction(a: Tensor, g: Tensor) -> Tensor:
     """
     ta = torch.diagonal(a).float().sum() / a.shape[-1]
     tg = torch.diagonal(g).float().sum() / g.shape[-1]
+    return pi_from_traces(ta, tg)
+
+
+def pi_from_traces(ta: Tensor, tg: Tensor) -> Tensor:
+    """π = sqrt(ta / tg) from the mean traces tr A / dim A and tr G / dim G (0-d tensors; blocked factors compute
+    them over their real coordinates); 1 when either is not positive or not finite. See :func:`pi_correction`."""
+    ta, tg = ta.float(), tg.float()
     ok = (ta > 0) & (tg > 0) & torch.isfinite(ta) & torch.isfinite(tg)
     return torch.where(ok, torch.sqrt(ta / torch.where(ok, tg, torch.ones_like(tg))), torch.ones_like(ta))
 
@@ -104,6 +112,9 @@ class InverseJob:
         """Factorize m + damping·I and form the inverse from the factor (L⁻ᵀL⁻¹ by a triangular solve): no check of
         the factorization's status, so no host sync."""
         m32 = m.float()
+        if m32.shape[-1] == 1:  # a diagonal factor (B blocks of 1 × 1): elementwise, no factorization
+            damped = m32 + damping
+            return cls(m32, damping, (1.0 / damped).contiguous(), ~(damped > 0).all())
         chol, info = torch.linalg.cholesky_ex(_add_diag(m32, damping))
         eye = torch.eye(m32.shape[-1], dtype=m32.dtype, device=m32.device).expand_as(m32)
         l_inv = torch.linalg.solve_triangular(chol, eye, upper=False)

@@ -13,8 +13,8 @@ Keys:
     ``preconditioners``: inverses / eigenbases (every rank with ``comm_opt``, owners with ``mem_opt``);
     ``comm_buffers``: packed factor payloads in ``comm_dtype`` plus the owners' unpacked fp32 sums (refresh steps),
         and the per-step direction buffers of ``mem_opt``;
-    ``momentum``: the heavy-ball buffers (fp32, the optimizer's parameters: whole at stage 0, the partition at ZeRO
-        1/2);
+    ``momentum``: the heavy-ball buffers (fp32, the optimizer's parameters of the groups with momentum ≠ 0: whole at
+        stage 0, each group's partition at ZeRO 1/2);
     ``total``: their sum.
 """
 
@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ds_spngd.comm.assignment import assign_owners, block_cost
 from ds_spngd.comm.collectives import world_size
 
 if TYPE_CHECKING:
     from ds_spngd.optimizer import SPNGD
 
-__all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory"]
+__all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "block_bytes", "free_bytes"]
 
 CATEGORIES = ("factors", "accumulators", "preconditioners", "comm_buffers", "momentum")
 
@@ -56,15 +57,24 @@ def memory_usage(opt: SPNGD) -> dict[str, int]:
     })
 
 
-def memory_plan(opt: SPNGD, rank: int | None = None) -> dict[str, int]:
+def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -> dict[str, int]:
     """Bytes rank ``rank`` (default: this one) holds on a refresh + inversion step, computed from shapes alone.
 
-    Assumes every block's hooks fire (accumulators for every factor) and momentum ≠ 0 in every group.
+    Args:
+        opt: the optimizer.
+        rank: the rank to plan for.
+        world: plan for this many data-parallel ranks instead of the optimizer's group (owners re-assigned by the
+            same LPT rule; e.g. a model built on the meta device, planned for 8 or 64 GPUs).
+
+    Assumes every block's hooks fire (accumulators for every factor) and every parameter gets a gradient.
     """
     assert opt.reducer is not None and opt._owners is not None
-    world = world_size(opt.group)
-    me = opt.rank if rank is None else rank
-    owners = opt._owners.owners
+    if world is None:
+        world, owners = world_size(opt.group), opt._owners.owners
+    else:
+        owners = assign_owners([block_cost([(f.blocks, f.dim) for f in b.factors]) for b in opt.blocks],
+                               world).owners
+    me = (opt.rank if rank is None else rank) % world
     owned = [b for i, b in enumerate(opt.blocks) if world == 1 or owners[i] == me]
     mem_opt = opt.cfg.precondition_mode == "mem_opt" and world > 1
     held = owned if mem_opt else list(opt.blocks)
@@ -72,7 +82,7 @@ def memory_plan(opt: SPNGD, rank: int | None = None) -> dict[str, int]:
     elem = torch.empty(0, dtype=opt.reducer.dtype, device="cpu").element_size()
     payload = sum(b.numel for b in opt.reducer.buckets) * elem
     directions = 4 * sum(p.numel() for b in opt.blocks for p in b.params) if mem_opt else 0
-    momentum = 4 * opt.grads.momentum_numel() if any(float(g["momentum"]) != 0.0 for g in opt.param_groups) else 0
+    momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     return _total({
         "factors": sum(f.nbytes for b in owned for f in b.factors),
         "accumulators": sum(f.nbytes for b in opt.blocks for f in b.factors),
@@ -80,6 +90,63 @@ def memory_plan(opt: SPNGD, rank: int | None = None) -> dict[str, int]:
         "comm_buffers": payload + sum(f.nbytes for b in owned for f in b.factors) + directions,
         "momentum": momentum,
     })
+
+
+def block_bytes(opt: SPNGD) -> list[tuple[str, int]]:
+    """Per block, the fp32 bytes of its factors and preconditioner (one copy each), largest first."""
+    method = opt.cfg.inverse_method
+    sizes = [(b.name, sum(f.nbytes for f in b.factors)
+              + sum(4 * int(torch.Size(s).numel()) for s in b.preconditioner_shapes(method))) for b in opt.blocks]
+    return sorted(sizes, key=lambda t: -t[1])
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now (CUDA: the allocator's free memory; CPU: the system's
+    available memory); None where unknown (e.g. the meta device)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            import psutil  # a DeepSpeed dependency
+        except ImportError:  # pragma: no cover - DeepSpeed always brings it
+            return None
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> None:
+    """Refuse to start when the SP-NGD state planned for the busiest rank does not fit the memory free now.
+
+    Runs before the first step, i.e. before any factor, accumulator or preconditioner is allocated. Every rank
+    computes every rank's plan from the shapes (no collective), so all ranks raise together when the plan is the
+    problem (free memory is read locally).
+
+    Args:
+        opt: the optimizer.
+        free: bytes free (default: :func:`free_bytes` on the optimizer's device).
+        margin: the fraction of ``free`` SP-NGD may plan to use.
+
+    Raises:
+        MemoryError: naming the planned bytes per rank, the free bytes, the largest layers and the keys to turn.
+    """
+    free = free_bytes(opt.device) if free is None else free
+    if free is None:
+        return
+    plans = [memory_plan(opt, r) for r in range(world_size(opt.group))]
+    worst = max(range(len(plans)), key=lambda r: plans[r]["total"])
+    need = plans[worst]["total"]
+    if need <= margin * free:
+        return
+    top = ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in block_bytes(opt)[:3])
+    parts = ", ".join(f"{k} {plans[worst][k] / 2**30:.2f}" for k in CATEGORIES)
+    cfg = opt.cfg
+    raise MemoryError(
+        f"SP-NGD's curvature state would need {need / 2**30:.2f} GiB on rank {worst} ({parts} GiB) but "
+        f"{free / 2**30:.2f} GiB are free on {opt.device}. Largest layers (factors + preconditioner): {top}. "
+        f"To fit: lower optimizer.params.max_factor_dim (now {cfg.max_factor_dim}) or set large_dim_method "
+        f'"diagonal" (now "{cfg.large_dim_method}"), use precondition_mode "mem_opt" on more ranks (now '
+        f'"{cfg.precondition_mode}"), or list the largest layers in skip_modules. memory_check=false skips '
+        "this check.")
 
 
 def format_memory(per_rank: dict[str, int], title: str) -> str:

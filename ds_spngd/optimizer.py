@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ds_spngd import checkpoint
@@ -44,9 +43,10 @@ from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
 from ds_spngd.comm.inversion import distributed_update, plan_owners, share_directions
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
+from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
-from ds_spngd.memory import memory_plan, memory_usage
+from ds_spngd.memory import check_memory, memory_plan, memory_usage
 from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
@@ -88,9 +88,13 @@ class SPNGD(torch.optim.Optimizer):
         self.cfg = cfg
         super().__init__(params, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
         self.ctx = CaptureContext(fisher_type=cfg.fisher_type, loss_reduction=cfg.loss_reduction,
-                                  sample_fraction=cfg.factor_sample_fraction)
+                                  kfac_approx=cfg.kfac_approx, sample_fraction=cfg.factor_sample_fraction)
+        # DeepSpeed drops empty groups (engine.py, _configure_optimizer): drop them too, so group indices agree
+        self.param_groups[:] = [g for g in self.param_groups if g["params"]]
         positions = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
-        plan = build_blocks(model, self.ctx, set(positions), cfg.skip_modules)
+        self._model_params = [p for g in self.param_groups for p in g["params"]]  # before DeepSpeed replaces them
+        plan = build_blocks(model, self.ctx, set(positions), cfg.skip_modules, cfg.max_factor_dim,
+                            cfg.large_dim_method)
         self.blocks: list[FisherBlock] = plan.blocks
         self.fallback: list[tuple[str, str]] = plan.fallback
         self._positions = [[positions[id(p)] for p in b.params] for b in self.blocks]
@@ -99,11 +103,7 @@ class SPNGD(torch.optim.Optimizer):
                              for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
         for b in self.blocks:
             b.register()
-        self._mc_outputs: list[Tensor] = []
-        self._mc_handle = None
-        if cfg.fisher_type == "mc":
-            self.ctx.track_output = self._mc_outputs.append
-            self._mc_handle = model.register_forward_hook(self._mc_hook)
+        self._output_hook = ModelOutputHook(model, self.ctx)  # loss terms; the MC Fisher's sampled backward
         self._owners: Assignment | None = None  # inversion (and factor) owners
         self.reducer: FactorReducer | None = None
         self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
@@ -152,30 +152,6 @@ class SPNGD(torch.optim.Optimizer):
         (:func:`ds_spngd.memory.memory_plan`)."""
         return memory_plan(self, rank)
 
-    # ---- Monte-Carlo Fisher -----------------------------------------------------------------------------------
-    def _mc_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        """Sampled-label backward for fisher_type="mc" (Martens & Grosse 2015 §5): y ~ softmax(logits), one sample.
-
-        Runs on factor-refresh steps only, from the model's forward hook, back to the first hooked layer output only
-        (no weight gradients); the training gradients are untouched.
-        """
-        outputs = list(self._mc_outputs)
-        self._mc_outputs.clear()
-        if not (self.ctx.collecting and module.training and torch.is_grad_enabled()) or not outputs:
-            return
-        if not isinstance(output, Tensor) or output.dim() != 2:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(f'fisher_type "mc" needs the model to return logits of shape N x classes, got {shape}')
-        logits = output.float()
-        with torch.no_grad():
-            y = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(1)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        self.ctx.phase = "mc"
-        try:
-            torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-        finally:
-            self.ctx.phase = "train"
-
     # ---- distributed set-up -----------------------------------------------------------------------------------
     def setup_distributed(self, group: Any = None) -> None:
         """Plan owners, factor buckets and the gradient access for the data-parallel ``group`` (None = world).
@@ -187,6 +163,8 @@ class SPNGD(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: after the first step (re-planning then would change the collective order mid-run).
+            MemoryError: ``memory_check`` and the planned SP-NGD state does not fit the memory free on the device
+                (:func:`ds_spngd.memory.check_memory`).
         """
         if self.reducer is not None and (self.steps > 0 or self.reducer.in_flight):
             raise RuntimeError("setup_distributed() must run before the first optimizer step")
@@ -204,8 +182,10 @@ class SPNGD(torch.optim.Optimizer):
                                      int(cfg.bucket_cap_mb * (1 << 20)), cfg.overlap_comm)
         if old is not None:
             self.reducer.adopt_counts(old)
-        if is_partitioned([p for b in self.blocks for p in b.params]):
+        if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
             self.grads = PartitionedGradients(self, self.blocks)
+        if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
+            check_memory(self)
 
     @property
     def rank(self) -> int:
@@ -318,6 +298,10 @@ class SPNGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply one SP-NGD update (see the module docstring).
 
+        Under ZeRO 1/2 with several parameter groups DeepSpeed calls this once per group with ``param_groups``
+        narrowed to that group; the update of every group happens on the last group's call
+        (:mod:`ds_spngd.gradients`), the earlier calls only keep their gradient.
+
         Raises:
             FloatingPointError: (``nonfinite: "raise"``, or more than ``max_consecutive_skips`` skips in a row)
                 naming the layers whose gradients, reduced factors or inversions are NaN/Inf / failed — raised on
@@ -326,6 +310,21 @@ class SPNGD(torch.optim.Optimizer):
         """
         if self.suspended:  # DeepSpeed's wrappers call step() once while being built, with zero gradients
             return None
+        groups = self.grads.begin_step(self.param_groups)
+        if groups is None:  # an earlier group's call under ZeRO 1/2: its gradient is kept for the last call
+            return None
+        narrowed, self.param_groups = self.param_groups, groups
+        completed = False
+        try:
+            loss = self._step(closure)
+            completed = True
+            return loss
+        finally:
+            self.param_groups = narrowed
+            self.grads.end_step(completed)
+
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
+        """The update of every group in ``param_groups`` (see :meth:`step`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -477,6 +476,4 @@ class SPNGD(torch.optim.Optimizer):
         """Detach every hook this optimizer installed (the model is left as it was)."""
         for b in self.blocks:
             b.remove()
-        if self._mc_handle is not None:
-            self._mc_handle.remove()
-            self._mc_handle = None
+        self._output_hook.remove()

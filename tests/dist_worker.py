@@ -5,7 +5,10 @@ Run as: RANK=r WORLD_SIZE=w LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p pyt
 Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int} plus optional "damping", "skip",
 "fisher_type", "zero" (stage), "mode" (precondition_mode), "comm_dtype", "overlap", "bucket_cap_mb", "kl_clip",
 "weight_rescale", "nonfinite", "max_consecutive_skips", "inv_update_steps", "resume_at" (save a checkpoint after
-that many steps, build a fresh engine, load it and continue), and for the device and fault tests:
+that many steps, build a fresh engine, load it and continue), "groups" (two parameter groups, see
+:func:`param_groups`; every rank then also records each parameter's momentum buffer after the last step, read with
+DeepSpeed's ``safe_get_full_optimizer_state`` under ZeRO), "grad_accum_fp32" (bf16 with fp32 gradient accumulation:
+DeepSpeed's BF16_Optimizer at ZeRO 1), and for the device and fault tests:
 
 * "omit": steps whose batch is drawn but never run (the reference a skipped step must equal);
 * "canary": plant a device slip (:func:`_plant_device_slip`) for this case;
@@ -79,6 +82,32 @@ def make_model(case: dict | None = None, rank: int = 0) -> nn.Module:
     return body
 
 
+def param_groups(model: nn.Module, case: dict) -> list[dict]:
+    """``case["groups"]``: "wd" — the transformers recipe: a decay group (Conv/Linear weights, weight_decay 0.1) and a
+    no-decay group (their biases and the LayerNorm, weight_decay 0), so each block's weight and bias sit in different
+    groups; "lr" — the same split with the no-decay group at its own lr 0.05 and momentum 0.5, the decay group at lr
+    0.1 (no scheduler then: WarmupLR would set every group's lr alike)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    if case["groups"] == "wd":
+        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": 1e-3, "lr": 0.1},
+            {"params": no_decay, "weight_decay": 0.0, "lr": 0.05, "momentum": 0.5}]
+
+
+def _momentum(engine, model: nn.Module, case: dict) -> dict[str, torch.Tensor]:
+    """Each model parameter's momentum buffer by name (fp32, full shape; a collective under ZeRO: every rank calls)."""
+    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):  # ZeRO 1/2: DeepSpeed's optimizer-state fragments
+        return {n: deepspeed.utils.safe_get_full_optimizer_state(p, "momentum_buffer").clone()
+                for n, p in model.named_parameters()}
+    spngd = ds_spngd.get_spngd(engine)
+    names = {id(p): n for n, p in model.named_parameters()}
+    model_order = [p for g in param_groups(model, case) for p in g["params"]]
+    opt_order = [q for g in spngd.param_groups for q in g["params"]]  # the same positions (bf16: fp32 clones)
+    return {names[id(p)]: spngd.state[q]["momentum_buffer"].clone()
+            for p, q in zip(model_order, opt_order, strict=True)}
+
+
 def build(case: dict, world: int, rank: int = 0):
     gas = case["gas"]
     micro = GLOBAL_BATCH // (world * gas)
@@ -101,8 +130,13 @@ def build(case: dict, world: int, rank: int = 0):
     }
     if case["bf16"]:
         config["bf16"] = {"enabled": True}
+    if case.get("grad_accum_fp32"):
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if case.get("groups") == "lr":
+        del config["scheduler"]
     model = make_model(case, rank)
-    engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=model.parameters(), config=config)
+    params = param_groups(model, case) if case.get("groups") else model.parameters()
+    engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=params, config=config)
     return engine, model
 
 
@@ -223,6 +257,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     finally:
         torch.set_default_device("cpu")
     spngd = ds_spngd.get_spngd(engine)
+    if case.get("groups") and out["error"] is None:
+        out["momentum"] = _momentum(engine, model, case)
     out["memory"] = spngd.memory_usage() if hasattr(spngd, "memory_usage") else {}
     out["plan"] = spngd.memory_plan() if hasattr(spngd, "memory_plan") else {}
     out["owners"] = list(spngd._owners.owners)

@@ -41,6 +41,10 @@ DEFAULTS = {
     "overlap_comm": True,
     "nonfinite": "raise",
     "max_consecutive_skips": 10,
+    "kfac_approx": "expand",
+    "max_factor_dim": 4096,
+    "large_dim_method": "block",
+    "memory_check": True,
 }
 
 # a valid non-default value for every public key
@@ -66,6 +70,10 @@ VALID = {
     "overlap_comm": False,
     "nonfinite": "skip",
     "max_consecutive_skips": 3,
+    "kfac_approx": "reduce",
+    "max_factor_dim": 1024,
+    "large_dim_method": "diagonal",
+    "memory_check": False,
 }
 
 # (key, value of a wrong type)
@@ -99,6 +107,12 @@ WRONG_TYPE = [
     ("max_consecutive_skips", "ten"),
     ("max_consecutive_skips", True),
     ("max_consecutive_skips", 2.5),
+    ("kfac_approx", 1),
+    ("max_factor_dim", "big"),
+    ("max_factor_dim", True),
+    ("max_factor_dim", 2.5),
+    ("large_dim_method", 0),
+    ("memory_check", "maybe"),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -131,6 +145,10 @@ OUT_OF_RANGE = [
     ("bucket_cap_mb", -1.0),
     ("nonfinite", "ignore"),
     ("max_consecutive_skips", 0),
+    ("kfac_approx", "sum"),
+    ("max_factor_dim", 0),
+    ("large_dim_method", "lowrank"),
+    ("memory_check", 2),
 ]
 
 

@@ -180,21 +180,26 @@ def test_single_example_kronecker_is_exact_fisher() -> None:
                                rtol=1e-5, atol=1e-9)
 
 
-def test_linear_with_sequence_input_sums_positions() -> None:
-    """Linear on N × L × d inputs: A sums over positions, G averages (KFC convention)."""
+def test_linear_with_sequence_input_expand_and_reduce() -> None:
+    """Linear on N × L × d inputs feeding a classifier (one loss term per example), Eschenhagen et al. 2023:
+    expand — A averages a aᵀ over the N·L positions, G = (1/N) Σ_{n,l} ĝ ĝᵀ; reduce — A averages ā ā over examples
+    (ā the mean over positions), G = (1/N) Σ_n (Σ_l ĝ)(Σ_l ĝ)ᵀ."""
     torch.manual_seed(3)
-    lin = nn.Linear(4, 3)
-    model = nn.Sequential(lin, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3, 2))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3, 2))
     x, y = torch.randn(5, 6, 4), torch.randint(0, 2, (5,))
-    ref = copy.deepcopy(model)
-    opt, _, _ = run_one_step(model, x, y)
+    g = per_example_output_grads(copy.deepcopy(model), 0, x, y)  # N × L × 3
     a_rows = with_ones(x.double())  # N × L × 5
-    a_ref = torch.einsum("nli,nlj->ij", a_rows, a_rows) / 5
-    g = per_example_output_grads(ref, 0, x, y)  # N × L × 3
-    g_ref = torch.einsum("nli,nlj->ij", g, g) / (5 * 6)
-    b = block(opt, "0")
-    torch.testing.assert_close(b.a.value[0].double(), a_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b.g.value[0].double(), g_ref, rtol=1e-5, atol=1e-9)
+    for approx in ("expand", "reduce"):
+        opt, _, _ = run_one_step(copy.deepcopy(model), x, y, kfac_approx=approx)
+        if approx == "expand":
+            a_ref = torch.einsum("nli,nlj->ij", a_rows, a_rows) / (5 * 6)
+            g_ref = torch.einsum("nli,nlj->ij", g, g) / 5
+        else:
+            abar, gsum = a_rows.mean(1), g.sum(1)
+            a_ref, g_ref = abar.t() @ abar / 5, gsum.t() @ gsum / 5
+        b = block(opt, "0")
+        torch.testing.assert_close(b.a.value[0].double(), a_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.g.value[0].double(), g_ref, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("fisher_type", ["emp", "mc"])
@@ -416,12 +421,17 @@ def test_factor_sample_fraction_batchnorm_uses_full_batch_statistics() -> None:
                                rtol=1e-4, atol=1e-8)
 
 
+class _RowSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1)
+
+
 def test_mc_fisher_rejects_non_logit_outputs() -> None:
-    """fisher_type "mc" samples labels from softmax(logits): a model returning N × C × L is refused clearly."""
+    """fisher_type "mc" samples labels from softmax(logits): a model returning one value per example is refused."""
     torch.manual_seed(13)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (3, 2)))
+    model = nn.Sequential(nn.Linear(4, 6), _RowSum())
     opt = SPNGD(model.parameters(), model=model, config={"fisher_type": "mc"})
-    with pytest.raises(ValueError, match=r"logits of shape N x classes, got \(5, 3, 2\)"):
+    with pytest.raises(ValueError, match=r"logits of shape N x classes or N x \.\.\. x vocab .*got \(5,\)"):
         model(torch.randn(5, 4))
     opt.remove_hooks()
     model(torch.randn(5, 4))  # hooks gone: the model is as it was

@@ -41,7 +41,7 @@ def _fwd_bwd(model: nn.Module, batch: Batch, loss_fn: Callable[..., torch.Tensor
 
 # ---- models ------------------------------------------------------------------------------------------------------
 class EmbNet(nn.Module):
-    """Embedding (no Fisher block) + a Linear head (skipped in the tests that need a block-free model)."""
+    """Embedding + a Linear head (both skipped in the tests that need a block-free model)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ def test_no_block_params_follow_torch_sgd_with_lr_changes(momentum: float, wd: f
     base = EmbNet()
     m_ngd, m_sgd = copy.deepcopy(base), copy.deepcopy(base)
     opt = SPNGD(m_ngd.parameters(), model=m_ngd, config={"lr": LRS[0], "momentum": momentum, "weight_decay": wd,
-                                                          "skip_modules": ["head"]})
+                                                          "skip_modules": ["head", "emb"]})
     assert opt.blocks == []
     sgd = torch.optim.SGD(m_sgd.parameters(), lr=LRS[0], momentum=momentum, weight_decay=wd, dampening=0.0,
                           nesterov=False)
@@ -132,7 +132,7 @@ def test_momentum_correction_matches_sgd_when_lr_starts_at_zero() -> None:
     torch.manual_seed(2)
     base = EmbNet()
     m_ngd, m_sgd = copy.deepcopy(base), copy.deepcopy(base)
-    opt = SPNGD(m_ngd.parameters(), model=m_ngd, config={"lr": 0.1, "momentum": 0.9, "skip_modules": ["head"]})
+    opt = SPNGD(m_ngd.parameters(), model=m_ngd, config={"lr": 0.1, "momentum": 0.9, "skip_modules": ["head", "emb"]})
     sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.1, momentum=0.9)
     lrs = [0.0, 0.05, 0.1, 0.1]
     for lr, batch in zip(lrs, _emb_batches(len(lrs), seed=3), strict=True):
@@ -155,7 +155,7 @@ def test_hand_formula_velocity(correction: bool) -> None:
     mom, wd = 0.9, 1e-2
     opt = SPNGD(m_ngd.parameters(), model=m_ngd, config={"lr": LRS[0], "momentum": mom, "weight_decay": wd,
                                                           "momentum_correction": correction,
-                                                          "skip_modules": ["head"]})
+                                                          "skip_modules": ["head", "emb"]})
     sgd = torch.optim.SGD(m_sgd.parameters(), lr=LRS[0], momentum=mom, weight_decay=wd)
     ref = {n: p.detach().double().clone() for n, p in base.named_parameters()}
     vel: dict[str, torch.Tensor] = {}
@@ -192,7 +192,7 @@ def test_momentum_buffer_layout(correction: bool) -> None:
     """With momentum_correction the buffer is torch SGD's u (= d after one step); without it, v = η·d."""
     torch.manual_seed(4)
     m = EmbNet()
-    opt = SPNGD(m.parameters(), model=m, config={"lr": 0.2, "momentum": 0.9, "skip_modules": ["head"],
+    opt = SPNGD(m.parameters(), model=m, config={"lr": 0.2, "momentum": 0.9, "skip_modules": ["head", "emb"],
                                                  "momentum_correction": correction})
     _fwd_bwd(m, _emb_batches(1)[0])
     grad = m.emb.weight.grad.clone()
@@ -223,16 +223,16 @@ def test_report_names_blocks_and_fallbacks() -> None:
     m = Mixed()
     opt = SPNGD(m.parameters(), model=m, config={"skip_modules": ["skipme"]})
     report = opt.report()
-    assert {b.name for b in opt.blocks} == {"conv", "bn", "fc"}
-    assert {b.name: b.kind for b in opt.blocks} == {"conv": "kronecker", "bn": "unit_wise", "fc": "kronecker"}
+    assert {b.name for b in opt.blocks} == {"emb", "conv", "bn", "fc"}
+    assert {b.name: b.kind for b in opt.blocks} == {"emb": "kronecker", "conv": "kronecker", "bn": "unit_wise",
+                                                    "fc": "kronecker"}
     fallback = dict(opt.fallback)
-    assert set(fallback) == {"emb", "gconv", "skipme"}
-    assert "Embedding" in fallback["emb"]
+    assert set(fallback) == {"gconv", "skipme"}
     assert "groups=2" in fallback["gconv"]
     assert "skip_modules" in fallback["skipme"]
     head, _, tail = report.partition("plain momentum-SGD update")
-    assert "3 module(s)" in head
-    for name in ("conv", "bn", "fc"):
+    assert "4 module(s)" in head and "Embedding K-FAC, A diagonal 10" in head
+    for name in ("emb", "conv", "bn", "fc"):
         assert f"  {name}: " in head
     for name, reason in fallback.items():
         assert f"  {name}: {reason}" in tail

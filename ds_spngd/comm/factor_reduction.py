@@ -144,7 +144,7 @@ class FactorReducer:
         self._traffic = factor_traffic_bytes(self.factors, comm_dtype)  # fixed by the shapes
         self._expected: dict[str, int] | None = None  # contributions per factor and step, learned at the 1st refresh
         self._totals: dict[str, Tensor] = {}
-        self._had: dict[str, float] = {}
+        self._had: dict[str, float | Tensor] = {}
         self._last_adds: dict[str, int] = {}
         self._reset()
         self.stats: dict[str, float] = {}
@@ -156,7 +156,7 @@ class FactorReducer:
         self._late: dict[str, int] = {}
         self._final: list[int] = [0] * len(self.buckets)  # final factors per bucket
         self._next = 0
-        self._flights: list[tuple[Tensor, Any, list[float]]] = []
+        self._flights: list[tuple[Tensor, Any, list[float | Tensor]]] = []
         self._launch_s = 0.0
         self._early = 0
 
@@ -184,11 +184,16 @@ class FactorReducer:
     def _launch(self, k: int) -> None:
         t0 = time.perf_counter()
         bucket = self.buckets[k]
-        means, had = [], []
+        means: list[Tensor] = []
+        had: list[float | Tensor] = []
         for f in bucket.factors:
             total, count = f.take_local()
-            means.append(total / count if count > 0 else total)
-            had.append(1.0 if count > 0 else 0.0)
+            if isinstance(count, Tensor):  # a data-dependent count (masked positions): no host sync
+                means.append(total / count.clamp_min(1.0))
+                had.append((count > 0).float())
+            else:
+                means.append(total / count if count > 0 else total)
+                had.append(1.0 if count > 0 else 0.0)
         buf = pack_symmetric(means, dtype=self.dtype)
         handle = reduce_sum(buf, bucket.owner, self.group, async_op=True)
         self._flights.append((buf, handle, had))
@@ -216,14 +221,18 @@ class FactorReducer:
             if world == 1 or bucket.owner == me:
                 totals = unpack_symmetric(buf, [(f.blocks, f.dim) for f in bucket.factors])
                 self._totals.update({f.name: t for f, t in zip(bucket.factors, totals, strict=True)})
-                owned += totals
+        owned = [self._totals[f.name] for f in self.factors if f.name in self._totals]  # in factor order
         device = self.factors[0].device if self.factors else torch.device("cpu")
         bad = torch.zeros(len(self.factors), device=device)
         if owned:  # max-abs norm: NaN/Inf exactly when an entry is (a sum of squares could overflow)
             norms = torch.stack(torch._foreach_norm(owned, float("inf")))
             idx = [i for i, f in enumerate(self.factors) if f.name in self._totals]
             bad[idx] = (~torch.isfinite(norms)).float()
-        had_v = torch.tensor([self._had[f.name] for f in self.factors], dtype=torch.float32, device=device)
+        had_v = torch.tensor([h if isinstance(h := self._had[f.name], float) else 0.0 for f in self.factors],
+                             dtype=torch.float32, device=device)
+        counted = [(i, h) for i, f in enumerate(self.factors) if isinstance(h := self._had[f.name], Tensor)]
+        if counted:
+            had_v[[i for i, _ in counted]] = torch.stack([h.to(device) for _, h in counted])
         late_v = torch.tensor([float(self._late.get(f.name, 0)) for f in self.factors], dtype=torch.float32,
                               device=device)
         payload, dense = self._traffic

@@ -56,11 +56,17 @@ class CaptureContext:
         collecting: True while the current optimizer step refreshes factors (set by the optimizer).
         fisher_type: ``"emp"`` (G from the training backward) or ``"mc"`` (G from a sampled-label backward).
         phase: ``"train"`` during the user's backward, ``"mc"`` during the optimizer's sampled-label backward.
-        loss_reduction: ``"mean"`` or ``"sum"`` — how the training loss reduces over the micro-batch.
+        loss_reduction: ``"mean"`` or ``"sum"`` — how the training loss reduces over its terms in a micro-batch.
+        kfac_approx: ``"expand"`` or ``"reduce"`` — how a layer applied at several positions of a sequence is
+            approximated (Eschenhagen et al., NeurIPS 2023, arXiv:2311.00636).
         grad_accum_steps: DeepSpeed's gradient_accumulation_steps (the engine divides the loss by it).
         loss_scale: callable giving the current loss scale (1 without fp16).
         track_output: called with every hooked layer output on refresh steps (the MC Fisher's backward targets).
         sample_fraction: fraction of each micro-batch's examples (the first ⌈f·N⌉) that enter the factors.
+        terms: per example of the current micro-batch, the number of loss terms it holds (an N-vector on the
+            device, set from the model output's gradient before any layer's backward hook runs: a token whose
+            label is ignored has an exactly zero gradient row), or None when unknown (then every example is one
+            term).
         factor_seconds: wall time spent building factors in the hooks since the optimizer last read it (s).
     """
 
@@ -68,11 +74,24 @@ class CaptureContext:
     fisher_type: str = "emp"
     phase: str = "train"
     loss_reduction: str = "mean"
+    kfac_approx: str = "expand"
     grad_accum_steps: int = 1
     loss_scale: Callable[[], float] = field(default=lambda: 1.0)
     track_output: Callable[[Tensor], None] | None = None
     sample_fraction: float = 1.0
+    terms: Tensor | None = None
+    output_id: int | None = None
     factor_seconds: float = 0.0
+
+    def count_terms(self, grad: Tensor) -> None:
+        """Set :attr:`terms` from the model output's gradient (N × C or N × … × V): per example, the rows that are
+        not exactly zero. Called by whichever hook sees that gradient first (the model-level hook, or the block of
+        the layer whose output *is* the model output, whose tensor hook runs before the model-level one)."""
+        if self.terms is not None or self.phase != "train":
+            return
+        g = grad.detach()
+        rows = g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 2 else g.unsqueeze(1)
+        self.terms = (rows.abs().amax(dim=-1) > 0).sum(dim=1).to(torch.float32)
 
     def sample_size(self, n: int) -> int:
         """Number of leading examples of an n-example micro-batch used for the factors (at least 1)."""
@@ -82,17 +101,34 @@ class CaptureContext:
         """Whether a gradient seen now belongs to the Fisher estimate (emp: training backward; mc: sampled one)."""
         return self.phase == ("mc" if self.fisher_type == "mc" else "train")
 
-    def example_scale(self, n: int) -> float:
-        """Factor s with per-example gradient g_i = s · (gradient seen by the hook) for a micro-batch of n examples.
+    def _terms_for(self, n: int) -> Tensor | None:
+        t = self.terms
+        return t if t is not None and t.shape[0] == n else None
 
-        Training backward: the loss is the micro-batch mean (×n undoes it; 1 for a summed loss), divided by
-        gradient_accumulation_steps and multiplied by the loss scale. The sampled-label backward uses a summed loss
-        computed by the optimizer itself: s = 1.
+    def terms_in(self, m: int, n: int) -> float | Tensor:
+        """Loss terms among the first m of the micro-batch's n examples (m when unknown): the count G is averaged
+        over, so that A ⊗ G is the Fisher of the loss *per term* whatever the sequence length."""
+        t = self._terms_for(n)
+        return float(m) if t is None else t[:m].sum()
+
+    def example_scale(self, n: int) -> float | Tensor:
+        """Factor s with per-term gradient ĝ = s · (gradient seen by the hook) for a micro-batch of n examples.
+
+        Training backward: a loss averaged over its M terms (M = n examples, or the tokens that carry a label) is
+        undone by ×M (1 for a summed loss), DeepSpeed's division by gradient_accumulation_steps by ×steps, the
+        loss scale by ÷scale. The sampled-label backward uses a summed loss computed by the optimizer: s = 1.
+        A 0-d device tensor when M was counted from the data (no host sync), else a float.
         """
         if self.phase == "mc":
             return 1.0
-        per = float(n) if self.loss_reduction == "mean" else 1.0
-        return per * self.grad_accum_steps / float(self.loss_scale())
+        rest = self.grad_accum_steps / float(self.loss_scale())
+        if self.loss_reduction != "mean":
+            return rest
+        t = self._terms_for(n)
+        return float(n) * rest if t is None else t.sum() * rest
+
+
+Capture = Callable[[Tensor, int], Callable[[Tensor, "float | Tensor"], None]]
 
 
 class FisherBlock(ABC):
@@ -129,7 +165,7 @@ class FisherBlock(ABC):
         self.fired = False
         self.precond_ready = False
         self._inert = False  # a deep copy (e.g. of a model carrying these hooks) never collects
-        self._handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []
         self._inverse: tuple[Tensor, ...] | None = None
         self._method = "inverse"
 
@@ -147,16 +183,22 @@ class FisherBlock(ABC):
         """:attr:`device` as a callable, for the block's factors (they read it at use time)."""
         return self.device
 
+    def hooked(self) -> list[tuple[nn.Module, Capture]]:
+        """(module, capture) pairs whose forward hooks feed this block: one per module it reads (a block over a
+        shared parameter reads several). capture(x, m) records forward statistics of the first m examples of the
+        module input x and returns the callback that receives their output gradient and the per-term scale."""
+        return [(self.module, self._capture_forward)]
+
     def register(self) -> None:
-        """Install the forward hook on the module."""
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._forward_hook)
+        """Install the forward hooks on the module(s)."""
+        if not self._handles:
+            self._handles = [mod.register_forward_hook(self._hook_for(capture)) for mod, capture in self.hooked()]
 
     def remove(self) -> None:
         """Remove the hooks (the block stops collecting)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def __deepcopy__(self, memo: dict[int, object]) -> FisherBlock:
         """Copies come along when a model carrying this block's hooks is deep-copied; they are inert (their hooks do
@@ -168,35 +210,42 @@ class FisherBlock(ABC):
         new._inert = True
         return new
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if self._inert or not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
-            return
-        if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        t0 = time.perf_counter()
-        x = inputs[0].detach()
-        n = int(x.shape[0])
-        m = self.ctx.sample_size(n)
-        on_grad = self._capture_forward(x, m)
-        self.ctx.factor_seconds += time.perf_counter() - t0
+    def _hook_for(self, capture: Capture) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self._inert or not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
+                return
+            if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            t0 = time.perf_counter()
+            x = inputs[0].detach()
+            n = int(x.shape[0])
+            m = self.ctx.sample_size(n)
+            on_grad = capture(x, m)
+            self.ctx.factor_seconds += time.perf_counter() - t0
+            out_id = id(output)
 
-        def hook(grad: Tensor) -> None:
-            if self.ctx.accepts_grad():
-                t1 = time.perf_counter()
-                on_grad(grad.detach()[:m], self.ctx.example_scale(n))
-                self.fired = True
-                self.ctx.factor_seconds += time.perf_counter() - t1
+            def hook(grad: Tensor) -> None:
+                if self.ctx.accepts_grad():
+                    t1 = time.perf_counter()
+                    if self.ctx.output_id == out_id:  # this layer's output is the model's: count its loss terms
+                        self.ctx.count_terms(grad)
+                    on_grad(grad.detach()[:m], self.ctx.example_scale(n))
+                    self.fired = True
+                    self.ctx.factor_seconds += time.perf_counter() - t1
 
-        output.register_hook(hook)
-        if self.ctx.track_output is not None:
-            self.ctx.track_output(output)
+            output.register_hook(hook)
+            if self.ctx.track_output is not None:
+                self.ctx.track_output(output)
+
+        return forward_hook
 
     @abstractmethod
-    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float], None]:
+    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
         """Record forward statistics of the first m examples of input x (N × …).
 
-        Returns the callback that records G from ∂L/∂output of those m examples (shape m × …) and the per-example
-        scale s. x is the whole micro-batch so that batch statistics (BatchNorm's x̂) are those of the forward pass.
+        Returns the callback that records G from ∂L/∂output of those m examples (shape m × …) and the per-term
+        scale s (:meth:`CaptureContext.example_scale`). x is the whole micro-batch so that batch statistics
+        (BatchNorm's x̂) are those of the forward pass.
         """
 
     @abstractmethod

@@ -1,7 +1,12 @@
 """One statistic class for every symmetric curvature factor: K-FAC's A and G and the unit-wise 2×2 blocks.
 
 A factor holds a batch of B symmetric d × d matrices (B = 1 for a Kronecker factor, B = C channels for a unit-wise
-block). It is built in three stages per factor-update step:
+block). A Kronecker factor of a side larger than ``max_factor_dim`` is held block-diagonally in the same form
+(:meth:`SymmetricFactor.for_side`, Distributed Shampoo's ``max_preconditioner_dim`` blocking, Anil et al. 2020,
+arXiv:2002.09018 §4.3 / Shi et al. 2023, arXiv:2309.06497): a side of ``size`` coordinates becomes B = ⌈size/max⌉
+diagonal blocks of d = ⌈size/B⌉ (the last ≤ B−1 coordinates of the last block are zero padding, which damping makes
+invertible and which never reaches a parameter), or its diagonal alone (B = size blocks of 1 × 1). No statistic
+builds a temporary larger than the factor itself. It is built in three stages per factor-update step:
 
 1. ``add``: each micro-batch's contribution Σ rowsᵀ·rows (times a weight) is summed locally, with the number of
    examples it came from (so the estimate is a per-example average whatever the micro-batch size, gradient
@@ -20,12 +25,38 @@ model after the optimizer was built), and accumulate in fp32 whatever the model'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SymmetricFactor"]
+__all__ = ["SymmetricFactor", "side_layout"]
+
+Count = float | Tensor  # number of examples (or positions) behind a sum: a host number or a 0-d device tensor
+
+
+def side_layout(size: int, max_dim: int, method: str) -> tuple[int, int]:
+    """(blocks B, block side d) of a Kronecker side of ``size`` coordinates (see the module docstring).
+
+    Args:
+        size: the side's dimension (d_in [+1] or d_out).
+        max_dim: ``max_factor_dim``: a side up to this size stays one dense block.
+        method: ``"block"`` (block-diagonal, blocks of at most max_dim) or ``"diagonal"`` for a larger side.
+
+    Raises:
+        ValueError: unknown ``method`` or non-positive sizes.
+    """
+    if size < 1 or max_dim < 1:
+        raise ValueError(f"factor side {size} and max_factor_dim {max_dim} must be positive")
+    if size <= max_dim:
+        return 1, size
+    if method == "diagonal":
+        return size, 1
+    if method != "block":
+        raise ValueError(f"unknown large_dim_method {method!r}")
+    blocks = math.ceil(size / max_dim)
+    return blocks, math.ceil(size / blocks)
 
 
 class SymmetricFactor:
@@ -38,28 +69,47 @@ class SymmetricFactor:
         final_in: ``"forward"`` when the factor's last contribution of a micro-batch arrives in the forward pass
             (K-FAC's A), ``"backward"`` otherwise (G, unit-wise blocks): the bucket order of the reduction.
         device: callable giving the device of the parameters this factor serves (default: the CPU).
+        size: the number of real coordinates (default B·d; less when the last block is padded, see
+            :meth:`for_side`).
 
     Attributes:
         accum: B × d × d fp32 local sum of this step's contributions, or None when nothing was added.
-        count: number of examples behind ``accum`` (this rank).
+        count: number of examples behind ``accum`` (this rank): a float, or a 0-d device tensor when it depends on
+            data (positions that are not masked), so that counting never syncs with the host.
         value: B × d × d fp32 running average after the last commit, or None before the first.
         version: increments on each commit on every rank (owner or not).
         on_add: called with the factor after every ``add`` (the reducer counts contributions to launch buckets).
     """
 
     def __init__(self, name: str, dim: int, blocks: int = 1, final_in: str = "backward",
-                 device: Callable[[], torch.device] | None = None) -> None:
+                 device: Callable[[], torch.device] | None = None, size: int | None = None) -> None:
         self.name = name
         self.dim = dim
         self.blocks = blocks
+        self.size = blocks * dim if size is None else size
+        if not blocks * dim - blocks < self.size <= blocks * dim:
+            raise ValueError(f"factor {name}: {blocks} blocks of {dim} cannot hold {self.size} coordinates")
         self.final_in = final_in
         self._device = device
         self.on_add: Callable[[SymmetricFactor], None] | None = None
         self.accum: Tensor | None = None
-        self.count: float = 0.0
+        self.count: Count = 0.0
         self.value: Tensor | None = None
         self.version: int = 0
         self._backup: tuple[Tensor | None, int] | None = None
+
+    @classmethod
+    def for_side(cls, name: str, size: int, max_dim: int, method: str, final_in: str = "backward",
+                 device: Callable[[], torch.device] | None = None) -> SymmetricFactor:
+        """A Kronecker factor of a side of ``size`` coordinates: dense up to ``max_dim``, else block-diagonal or
+        diagonal (:func:`side_layout`)."""
+        blocks, dim = side_layout(size, max_dim, method)
+        return cls(name, dim, blocks=blocks, final_in=final_in, device=device, size=size)
+
+    @property
+    def padded(self) -> int:
+        """B·d: the side's length including the padding of the last block."""
+        return self.blocks * self.dim
 
     @property
     def device(self) -> torch.device:
@@ -76,18 +126,29 @@ class SymmetricFactor:
         """Length of the packed upper triangle: B·d(d+1)/2."""
         return self.blocks * self.dim * (self.dim + 1) // 2
 
-    def add(self, rows: Tensor, weight: float, n_examples: int) -> None:
+    def add(self, rows: Tensor, weight: float, n_examples: Count) -> None:
         """Accumulate weight · rowsᵀ rows (per block) from one micro-batch.
 
         Args:
-            rows: M × d (B = 1) or B × M × d; any float dtype, upcast to fp32 before the product.
+            rows: M × d (B = 1), B × M × d, or M × size for a blocked / diagonal side (:meth:`for_side`: the
+                coordinates are split into the blocks, the padding is zero); any float dtype, upcast to fp32.
             weight: scalar multiplying the outer-product sum (e.g. 1/|T| for KFC's G, scale² for loss scaling).
-            n_examples: the number of examples the M rows came from (added to ``count``).
+            n_examples: the number of examples (or positions) the M rows came from (added to ``count``).
 
         Raises:
             ValueError: when the trailing dimension or block count does not match the factor.
         """
         r = rows.float()
+        if r.dim() == 2 and self.blocks > 1 and r.shape[1] == self.size:
+            if self.dim == 1:  # diagonal: Σ_rows r² per coordinate, no M × size × 1 detour
+                self._ensure_accum(r.device)
+                assert self.accum is not None
+                self.accum.view(-1)[: self.size].add_(r.square().sum(0), alpha=weight)
+                self._count(n_examples)
+                return
+            if self.padded != self.size:
+                r = torch.nn.functional.pad(r, (0, self.padded - self.size))
+            r = r.view(r.shape[0], self.blocks, self.dim).transpose(0, 1)  # B × M × d (strided view)
         if r.dim() == 2:
             r = r.unsqueeze(0)
         if r.dim() != 3 or r.shape[0] != self.blocks or r.shape[2] != self.dim:
@@ -95,22 +156,58 @@ class SymmetricFactor:
                 f"factor {self.name}: expected rows of shape {'' if self.blocks == 1 else f'{self.blocks} x '}"
                 f"M x {self.dim}, got {tuple(rows.shape)}"
             )
-        if self.accum is None:
-            self.accum = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32, device=r.device)
+        self._ensure_accum(r.device)
+        assert self.accum is not None
         if self.blocks == 1:
             self.accum[0].addmm_(r[0].t(), r[0], alpha=weight)
         else:
             self.accum.baddbmm_(r.transpose(1, 2), r, alpha=weight)
-        self.count += n_examples
+        self._count(n_examples)
+
+    def add_diagonal(self, values: Tensor, n_examples: Count) -> None:
+        """Accumulate a diagonal contribution (e.g. token counts: the input factor of an embedding, whose one-hot
+        rows e eᵀ are diagonal).
+
+        Args:
+            values: ``size`` values (any float dtype) added to the diagonal of the (block-diagonal) factor.
+            n_examples: as for :meth:`add`.
+
+        Raises:
+            ValueError: when ``values`` does not have ``size`` entries.
+        """
+        if values.numel() != self.size:
+            raise ValueError(f"factor {self.name}: expected {self.size} diagonal values, got {values.numel()}")
+        self._ensure_accum(values.device)
+        assert self.accum is not None
+        full = values.reshape(-1).float()
+        if self.padded != self.size:
+            full = torch.nn.functional.pad(full, (0, self.padded - self.size))
+        self.accum.diagonal(dim1=1, dim2=2).add_(full.view(self.blocks, self.dim))
+        self._count(n_examples)
+
+    def _ensure_accum(self, device: torch.device) -> None:
+        if self.accum is None:
+            self.accum = torch.zeros(self.blocks, self.dim, self.dim, dtype=torch.float32, device=device)
+
+    def _count(self, n_examples: Count) -> None:
+        self.count = self.count + n_examples
         if self.on_add is not None:
             self.on_add(self)
+
+    def diagonal_of(self, value: Tensor) -> Tensor:
+        """The ``size`` real diagonal entries of a B × d × d value of this factor (padding dropped)."""
+        return value.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.size]
+
+    def mean_trace(self, value: Tensor) -> Tensor:
+        """tr(value) / size over the real coordinates, a 0-d tensor (π of factored damping)."""
+        return self.diagonal_of(value).float().sum() / self.size
 
     @property
     def committed(self) -> bool:
         """True once a global estimate was committed (on every rank, owner or not)."""
         return self.version > 0
 
-    def take_local(self) -> tuple[Tensor, float]:
+    def take_local(self) -> tuple[Tensor, Count]:
         """Return (local sum, local count) for reduction and clear the accumulator.
 
         A factor that received nothing this step contributes zeros on :attr:`device` (so collective shapes stay

@@ -1,20 +1,32 @@
-"""Kronecker-factored Fisher blocks for nn.Linear and nn.Conv2d (K-FAC / KFC).
+"""Kronecker-factored Fisher blocks for nn.Linear, Hugging Face Conv1D and nn.Conv2d (K-FAC / KFC).
 
-Per layer the Fisher block of vec(W) (row-major, W: d_out × d_in with the bias appended as a last column) is
-approximated by F ≈ G ⊗ A with
+Per layer the Fisher block of vec(W) (row-major, W: d_out × d_in with the bias appended as a last column; Conv1D's
+d_in × d_out weight is read transposed) is approximated by F ≈ G ⊗ A with
 
-* Linear (Martens & Grosse 2015, arXiv:1503.05671 eq. 1–3): A = E_i[a_i a_iᵀ], G = E_i[g_i g_iᵀ], a_i the input
-  with a homogeneous 1 for the bias, g_i = ∂ℓ_i/∂s_i the per-example gradient w.r.t. the output.
-  Inputs with extra dimensions (N × … × d_in, e.g. sequences) are treated like KFC's spatial positions.
+* Linear / Conv1D (Martens & Grosse 2015, arXiv:1503.05671 eq. 1–3): A = E[a aᵀ], G = E[ĝ ĝᵀ], a the input with a
+  homogeneous 1 for the bias, ĝ = ∂(loss term)/∂s the per-term gradient w.r.t. the output. A layer applied at T
+  positions of a sequence (input N × T × d_in) shares its weight over them (Eschenhagen et al., NeurIPS 2023,
+  arXiv:2311.00636, §3):
+
+  - ``kfac_approx="expand"`` (eq. 7; one loss term per position, language modelling): positions act as examples,
+    A = (1/P) Σ_{n,t} a aᵀ over the P unmasked positions, G = (1/M) Σ_{n,t} ĝ ĝᵀ with M the loss terms;
+  - ``"reduce"`` (eq. 9; positions pooled before the loss): A = (1/N) Σ_n ā_n ā_nᵀ with ā_n the mean of a over
+    the unmasked positions of example n, G = (1/M) Σ_n (Σ_t ĝ_{n,t})(Σ_t ĝ_{n,t})ᵀ.
+
+  With M counted from the data (:class:`ds_spngd.curvature.base.CaptureContext`) A ⊗ G is the Fisher of the loss
+  per term, so damping and learning rate mean the same at every sequence length. A position whose output gradient
+  is exactly zero (padding, ``ignore_index`` labels after the last kept token) is masked out of both factors.
 * Conv2d (KFC, Grosse & Martens 2016, arXiv:1602.01407 eq. 23–25): a_{i,t} is the im2col patch (c_in·k_h·k_w [+1])
   at output position t ∈ T; A = E_i[Σ_t a_{i,t} a_{i,t}ᵀ] sums over positions and
   G = E_i[(1/|T|) Σ_t g_{i,t} g_{i,t}ᵀ] averages over them. ∇W = Σ_t g_t a_tᵀ.
 
-The preconditioned gradient is (G ⊗ A + damping)⁻¹ vec(∇W) computed as
+A side (A or G) larger than ``max_factor_dim`` is block-diagonal or diagonal (``large_dim_method``;
+:meth:`ds_spngd.curvature.factor.SymmetricFactor.for_side`), so a 50257-wide output layer never holds a dense
+50257² matrix. The preconditioned gradient is (G ⊗ A + damping)⁻¹ vec(∇W), computed blockwise as
 
 * ``"inverse"``: (G + (√λ/π)·I)⁻¹ ∇W (A + π√λ·I)⁻¹, π = sqrt((tr A/d_A)/(tr G/d_G)) (Martens & Grosse §6.3);
 * ``"eigen"``: Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ — the exact inverse of G ⊗ A + λ·I (George et al. 2018,
-  KAISA's default).
+  KAISA's default), with block-diagonal Q and d when blocked.
 """
 
 from __future__ import annotations
@@ -28,14 +40,24 @@ from torch import Tensor, nn
 
 from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft
 from ds_spngd.curvature.factor import SymmetricFactor
-from ds_spngd.linalg import InverseJob, pi_correction, sym_eigh
+from ds_spngd.linalg import InverseJob, pi_from_traces, sym_eigh
 
-__all__ = ["KroneckerBlock", "kronecker_supported"]
+__all__ = ["KroneckerBlock", "kronecker_supported", "is_conv1d", "left_apply", "right_apply"]
+
+DEFAULT_MAX_FACTOR_DIM = 4096
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face ``transformers.pytorch_utils.Conv1D`` (y = x W + b, W: d_in × d_out), recognised
+    without importing transformers."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, Tensor) and w.dim() == 2
+            and int(w.shape[1]) == int(getattr(module, "nf", -1)))
 
 
 def kronecker_supported(module: nn.Module) -> str | None:
     """Return None when the module can be a Kronecker block, else the reason it falls back to the base update."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return None
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -48,41 +70,94 @@ def kronecker_supported(module: nn.Module) -> str | None:
     return f"{type(module).__name__} has no Kronecker block"
 
 
-class KroneckerBlock(FisherBlock):
-    """K-FAC block of an nn.Linear or nn.Conv2d (groups=1, zero padding).
+def _as3(m: Tensor) -> Tensor:
+    return m if m.dim() == 3 else m.unsqueeze(0)
 
-    Factors: ``A`` (d_in [+1] square, d_in = in_features or c_in·k_h·k_w) and ``G`` (d_out square).
+
+def left_apply(mats: Tensor, v: Tensor) -> Tensor:
+    """blockdiag(mats) @ v for mats (B × b × b, or d × d) and v ((B·b) × n, already padded)."""
+    m3 = _as3(mats)
+    b = m3.shape[0]
+    if b == 1:
+        return m3[0] @ v
+    if m3.shape[-1] == 1:
+        return m3.reshape(b, 1) * v
+    return torch.bmm(m3, v.reshape(b, m3.shape[-1], -1)).reshape(v.shape)
+
+
+def right_apply(v: Tensor, mats: Tensor) -> Tensor:
+    """v @ blockdiag(mats) for v (n × (B·b), already padded) and mats (B × b × b, or d × d)."""
+    m3 = _as3(mats)
+    b = m3.shape[0]
+    if b == 1:
+        return v @ m3[0]
+    if m3.shape[-1] == 1:
+        return v * m3.reshape(1, b)
+    return torch.einsum("nbk,bkl->nbl", v.reshape(v.shape[0], b, -1), m3).reshape(v.shape)
+
+
+def _pad2(v: Tensor, rows: int, cols: int) -> Tensor:
+    return v if tuple(v.shape) == (rows, cols) else F.pad(v, (0, cols - v.shape[1], 0, rows - v.shape[0]))
+
+
+def _with_ones(rows: Tensor, ones: Tensor | None = None) -> Tensor:
+    """Append the bias coordinate (1, or ``ones`` for masked rows) as a last column."""
+    col = rows.new_ones(rows.shape[0], 1) if ones is None else ones.reshape(-1, 1).to(rows.dtype)
+    return torch.cat([rows, col], dim=1)
+
+
+class KroneckerBlock(FisherBlock):
+    """K-FAC block of an nn.Linear, a Hugging Face Conv1D or an nn.Conv2d (groups=1, zero padding).
+
+    Args:
+        name, module, ctx: as :class:`FisherBlock`.
+        max_factor_dim: a side larger than this is block-diagonal / diagonal (``large_dim_method``).
+        large_dim_method: ``"block"`` or ``"diagonal"``.
+
+    Factors: ``A`` (side d_in [+1], d_in = in_features or c_in·k_h·k_w) and ``G`` (side d_out), each a
+    :class:`SymmetricFactor` of B × d × d (B = 1: dense).
     """
 
     kind = "kronecker"
 
     unsupported_reason = staticmethod(kronecker_supported)
 
-    def __init__(self, name: str, module: nn.Module, ctx: CaptureContext) -> None:
+    def __init__(self, name: str, module: nn.Module, ctx: CaptureContext,
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, large_dim_method: str = "block") -> None:
         super().__init__(name, module, ctx)
         self.is_conv = isinstance(module, nn.Conv2d)
+        self.transposed = is_conv1d(module)
         w = module.weight
         assert isinstance(w, Tensor)
-        self.d_out = int(w.shape[0])
+        self.d_out = int(w.shape[1] if self.transposed else w.shape[0])
         self.has_bias = getattr(module, "bias", None) is not None
-        d_in = int(w[0].numel()) + (1 if self.has_bias else 0)
-        self.a = SymmetricFactor(f"{name}.A", d_in, final_in="forward", device=self._param_device)
-        self.g = SymmetricFactor(f"{name}.G", self.d_out, device=self._param_device)
+        d_in = (int(w.shape[0]) if self.transposed else int(w[0].numel())) + (1 if self.has_bias else 0)
+        self.max_factor_dim, self.large_dim_method = max_factor_dim, large_dim_method
+        self.a = SymmetricFactor.for_side(f"{name}.A", d_in, max_factor_dim, large_dim_method,
+                                          final_in="forward" if self.is_conv else "backward",
+                                          device=self._param_device)
+        self.g = SymmetricFactor.for_side(f"{name}.G", self.d_out, max_factor_dim, large_dim_method,
+                                          device=self._param_device)
 
     @property
     def factors(self) -> list[SymmetricFactor]:
         return [self.a, self.g]
 
+    @property
+    def sides(self) -> tuple[SymmetricFactor, SymmetricFactor]:
+        """The (input side, output side) factors whose shapes the preconditioner has (A, G here)."""
+        return self.a, self.g
+
     def describe(self) -> str:
-        kind = "Conv2d (KFC)" if self.is_conv else "Linear"
-        return f"{self.name}: {kind} K-FAC, A {self.a.dim}x{self.a.dim}, G {self.g.dim}x{self.g.dim}"
+        kind = "Conv2d (KFC)" if self.is_conv else ("Conv1D" if self.transposed else "Linear")
+        return f"{self.name}: {kind} K-FAC, A {_shape(self.a)}, G {_shape(self.g)}"
 
     # ---- statistics -------------------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         """Rows a_{i,t} of the layer input.
 
         Args:
-            x: Linear: N × … × in_features; Conv2d: N × c_in × H × W.
+            x: Linear / Conv1D: N × … × d_in; Conv2d: N × c_in × H × W.
 
         Returns:
             (rows, T): (N·T) × d_A (bias coordinate 1 appended), T = positions per example.
@@ -96,9 +171,7 @@ class KroneckerBlock(FisherBlock):
         else:
             rows = x.reshape(-1, x.shape[-1])
             t = rows.shape[0] // max(int(x.shape[0]), 1)
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows, t
+        return (_with_ones(rows) if self.has_bias else rows), t
 
     def output_rows(self, gy: Tensor) -> Tensor:
         """Rows g_{i,t} of the output gradient: (N·T) × d_out (Conv2d: N × C × H × W → positions as rows)."""
@@ -106,60 +179,125 @@ class KroneckerBlock(FisherBlock):
             return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
         return gy.reshape(-1, gy.shape[-1])
 
-    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float], None]:
-        rows, t = self.input_rows(x[:m])
-        n = m
-        self.a.add(rows, 1.0, n)  # KFC: A sums over positions
+    def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
+        n = int(x.shape[0])
+        if self.is_conv:
+            rows, t = self.input_rows(x[:m])
+            self.a.add(rows, 1.0, m)  # KFC: A sums over positions
 
-        def on_grad(gy: Tensor, scale: float) -> None:
-            self.g.add(self.output_rows(gy), scale * scale / t, n)  # KFC: G averages over positions
+            def on_conv_grad(gy: Tensor, scale: float | Tensor) -> None:  # KFC: G averages over positions
+                self.g.add(self.output_rows(gy) * scale, 1.0 / t, self.ctx.terms_in(m, n))
+
+            return on_conv_grad
+        xs = x[:m]
+
+        def on_grad(gy: Tensor, scale: float | Tensor) -> None:
+            self.add_sequence(xs, gy, scale, self.ctx.terms_in(m, n))
 
         return on_grad
 
+    def add_sequence(self, x: Tensor, gy: Tensor, scale: float | Tensor, terms: float | Tensor) -> None:
+        """Both factors of a Linear / Conv1D from its input and output gradient (see the module docstring).
+
+        Args:
+            x: m × d_in, or m × … × d_in (positions).
+            gy: the output gradient of the same examples (m × d_out or m × … × d_out), as seen by the hook.
+            scale: per-term scale s (ĝ = s·gy).
+            terms: M, the loss terms behind these examples (G's count).
+        """
+        m = int(x.shape[0])
+        d_in, d_out = x.shape[-1], gy.shape[-1]
+        if x.dim() == 2:  # one position per example (or flattened tokens): the per-example K-FAC, masked alike
+            live = (gy.detach().reshape(m, -1).abs().amax(dim=-1) > 0).to(torch.float32)
+            rows = x.float() * live.unsqueeze(-1)
+            self.a.add(_with_ones(rows, live) if self.has_bias else rows, 1.0, live.sum())
+            self.g.add(gy.reshape(m, -1).float() * scale, 1.0, terms)
+            return
+        x3, g3 = x.reshape(m, -1, d_in), gy.reshape(m, -1, d_out)
+        mask = (g3.detach().abs().amax(dim=-1) > 0).to(torch.float32)  # m × T: positions that reach a loss term
+        if self.ctx.kfac_approx == "reduce":
+            per = mask.sum(1)
+            abar = (x3.float() * mask.unsqueeze(-1)).sum(1) / per.clamp_min(1.0).unsqueeze(-1)
+            self.a.add(_with_ones(abar, (per > 0).float()) if self.has_bias else abar, 1.0, (per > 0).float().sum())
+            self.g.add(g3.float().sum(1) * scale, 1.0, terms)
+            return
+        rows = (x3.float() * mask.unsqueeze(-1)).reshape(-1, d_in)
+        self.a.add(_with_ones(rows, mask) if self.has_bias else rows, 1.0, mask.sum())
+        self.g.add(g3.reshape(-1, d_out).float() * scale, 1.0, terms)  # masked rows are zero already
+
     # ---- preconditioner ---------------------------------------------------------------------------------------
-    def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
+    def side_values(self) -> tuple[Tensor, Tensor]:
+        """The committed (input side, output side) factor values, B × d × d each (combined for shared weights)."""
         a, g = self.a.value, self.g.value
         if a is None or g is None:
             raise RuntimeError(f"{self.name}: its factors have no value on this rank (only the owner drafts)")
+        return a, g
+
+    def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
+        a, g = self.side_values()
+        fa, fg = self.sides
         if method == "inverse":
-            pi = pi_correction(a[0], g[0])  # a 0-d tensor: no host sync
+            pi = pi_from_traces(fa.mean_trace(a), fg.mean_trace(g))  # a 0-d tensor: no host sync
             sq = math.sqrt(damping)
-            ja, jg = InverseJob.start(a[0], pi * sq), InverseJob.start(g[0], sq / pi)
-            return PreconditionerDraft([ja, jg], lambda: [ja.inverse, jg.inverse])
+            ja, jg = InverseJob.start(a, pi * sq), InverseJob.start(g, sq / pi)
+            return PreconditionerDraft([ja, jg], lambda: [_squeeze(ja.inverse), _squeeze(jg.inverse)])
         if method == "eigen":
-            d_a, q_a = sym_eigh(a[0], check=False)
-            d_g, q_g = sym_eigh(g[0], check=False)
-            scale = 1.0 / (d_g.unsqueeze(1) * d_a.unsqueeze(0) + damping)
-            return PreconditionerDraft([], lambda: [q_a, q_g, scale])
+            d_a, q_a = sym_eigh(a, check=False)
+            d_g, q_g = sym_eigh(g, check=False)
+            scale = 1.0 / (d_g.reshape(-1, 1) * d_a.reshape(1, -1) + damping)
+            return PreconditionerDraft([], lambda: [_squeeze(q_a), _squeeze(q_g), scale])
         raise ValueError(f"unknown inverse_method {method!r}")
 
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
-        da, dg = self.a.dim, self.g.dim
-        if method == "inverse":
-            return [(da, da), (dg, dg)]
-        return [(da, da), (dg, dg), (dg, da)]
+        fa, fg = self.sides
+        shapes = [_side_shape(fa), _side_shape(fg)]
+        return shapes if method == "inverse" else [*shapes, (fg.padded, fa.padded)]
 
     def grad_matrix(self, grads: list[Tensor]) -> Tensor:
-        """[∇W | ∇b] as a d_out × d_A fp32 matrix."""
-        gw = grads[0].float().reshape(self.d_out, -1)
+        """[∇W | ∇b] as a d_out × d_A fp32 matrix (Conv1D's weight gradient transposed)."""
+        w = grads[0].float()
+        gw = w.t() if self.transposed else w.reshape(self.d_out, -1)
         if self.has_bias:
             gw = torch.cat([gw, grads[1].float().reshape(self.d_out, 1)], dim=1)
         return gw
 
     def split_matrix(self, v: Tensor, like: list[Tensor]) -> list[Tensor]:
         """Inverse of :meth:`grad_matrix`."""
+        w = v[:, :-1] if self.has_bias else v
+        out = [(w.t() if self.transposed else w).reshape(like[0].shape)]
         if self.has_bias:
-            return [v[:, :-1].reshape(like[0].shape), v[:, -1].reshape(like[1].shape)]
-        return [v.reshape(like[0].shape)]
+            out.append(v[:, -1].reshape(like[1].shape))
+        return out
 
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         if self._inverse is None:
             raise RuntimeError(f"{self.name}: precondition() before a preconditioner was installed")
+        fa, fg = self.sides
         v = self.grad_matrix(grads)
+        rows, cols = v.shape
+        vp = _pad2(v, fg.padded, fa.padded)
         if self._method == "inverse":
             a_inv, g_inv = self._inverse
-            out = g_inv @ v @ a_inv
+            out = right_apply(left_apply(g_inv, vp), a_inv)
         else:
             q_a, q_g, scale = self._inverse
-            out = q_g @ ((q_g.t() @ v @ q_a) * scale) @ q_a.t()
-        return self.split_matrix(out, grads)
+            inner = right_apply(left_apply(q_g.transpose(-2, -1), vp), q_a) * scale
+            out = right_apply(left_apply(q_g, inner), q_a.transpose(-2, -1))
+        return self.split_matrix(out[:rows, :cols], grads)
+
+
+def _squeeze(t: Tensor) -> Tensor:
+    """A one-block B × d × d tensor as d × d (dense preconditioners keep their historical 2-D shape)."""
+    return t[0].contiguous() if t.dim() == 3 and t.shape[0] == 1 else t.contiguous()
+
+
+def _side_shape(f: SymmetricFactor) -> tuple[int, ...]:
+    return (f.dim, f.dim) if f.blocks == 1 else (f.blocks, f.dim, f.dim)
+
+
+def _shape(f: SymmetricFactor) -> str:
+    if f.blocks == 1:
+        return f"{f.dim}x{f.dim}"
+    if f.dim == 1:
+        return f"diagonal {f.size}"
+    return f"{f.blocks} blocks of {f.dim}x{f.dim} (side {f.size})"

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
-from ds_spngd.curvature.kronecker import KroneckerBlock
+from ds_spngd.curvature.embedding import EmbeddingBlock, embedding_supported
+from ds_spngd.curvature.kronecker import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock
+from ds_spngd.curvature.tied import TiedBlock, tied_supported
 from ds_spngd.curvature.unit_wise import UnitWiseBlock
 
-__all__ = ["BlockPlan", "build_blocks"]
+__all__ = ["BlockPlan", "build_blocks", "MHA_REASON"]
+
+logger = logging.getLogger("ds_spngd")
+
+MHA_REASON = ("nn.MultiheadAttention calls out_proj functionally (hooks on it never fire) and keeps q/k/v in one "
+              "in_proj_weight, so it gets no Fisher block; write attention with nn.Linear q/k/v/out projections and "
+              "F.scaled_dot_product_attention (as ds_spngd.models.gpt does) to precondition it")
 
 
 @dataclass
@@ -31,20 +40,53 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], skip: Iterable[str] = ()) -> BlockPlan:
+def _shared_params(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Parameters reached by more than one module: id → [(module name, module), ...]."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, module))
+    return {k: v for k, v in owners.items() if len(v) > 1}
+
+
+def _tie(uses: list[tuple[str, nn.Module]]) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]] | None:
+    """(linear use, embedding use) when the uses are exactly one Embedding and one Linear, else None."""
+    if len(uses) != 2:
+        return None
+    emb = [u for u in uses if isinstance(u[1], nn.Embedding)]
+    lin = [u for u in uses if isinstance(u[1], nn.Linear)]
+    return (lin[0], emb[0]) if len(emb) == 1 and len(lin) == 1 else None
+
+
+def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], skip: Iterable[str] = (),
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, large_dim_method: str = "block") -> BlockPlan:
     """Create a Fisher block for every supported module whose parameters are all being optimized.
+
+    * nn.Linear, Hugging Face Conv1D, nn.Conv2d: :class:`KroneckerBlock`; nn.Embedding: :class:`EmbeddingBlock`;
+      BatchNorm / LayerNorm / RMSNorm: :class:`UnitWiseBlock`.
+    * A weight shared by an nn.Embedding and a bias-free nn.Linear (tied input/output embedding) gets one
+      :class:`TiedBlock` (named after the Linear). Any other parameter shared between modules leaves those modules
+      to the base update (a parameter is never preconditioned twice).
+    * nn.MultiheadAttention is refused with the reason (its out_proj is called functionally, so hooks on it never
+      fire, and q/k/v live in one in_proj_weight): the module and its children use the base update, and a warning
+      names the supported alternative.
 
     Args:
         model: the raw (unwrapped) model.
         ctx: shared capture context for the blocks' hooks.
         optimized: ``id`` of every parameter handed to the optimizer.
         skip: module names left to the base update (a name covers its children).
+        max_factor_dim, large_dim_method: layout of large Kronecker factor sides (see :class:`SymmetricFactor`).
 
     Returns:
         A :class:`BlockPlan`. Hooks are not registered yet.
     """
     plan = BlockPlan()
     skip = tuple(skip)
+    layout = {"max_factor_dim": max_factor_dim, "large_dim_method": large_dim_method}
+    shared = _shared_params(model)
+    mha = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    tied_done: set[int] = set()
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
@@ -53,6 +95,12 @@ def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], ski
         if _skipped(name, skip):
             plan.fallback.append((label, "listed in skip_modules"))
             continue
+        if name in mha:
+            plan.fallback.append((label, MHA_REASON))
+            continue
+        if _skipped(name, mha):
+            plan.fallback.append((label, "inside an nn.MultiheadAttention (see its line)"))
+            continue
         if any(id(p) not in optimized for p in own):
             plan.fallback.append((label, "some parameters are not given to the optimizer"))
             continue
@@ -60,15 +108,38 @@ def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], ski
         if frozen:
             plan.fallback.append((label, f"frozen parameter(s) {frozen}"))
             continue
+        sharing = [p for p in own if id(p) in shared]
+        if sharing:
+            p = sharing[0]
+            uses = shared[id(p)]
+            others = [n or type(m).__name__ for n, m in uses if m is not module]
+            pair = _tie(uses)
+            reason = None if pair is None else tied_supported(pair[1][1], pair[0][1])
+            if pair is None or reason is not None or any(_skipped(n, skip) for n, _ in uses):
+                why = reason or "only an nn.Embedding tied to a bias-free nn.Linear is supported"
+                plan.fallback.append((label, f"shares a parameter with {others}: {why}"))
+            elif id(p) not in tied_done:
+                tied_done.add(id(p))
+                (lin_name, lin), (emb_name, emb) = pair
+                plan.blocks.append(TiedBlock(lin_name or "Linear", lin, emb, ctx, emb_name=emb_name or "Embedding",
+                                             **layout))  # type: ignore[arg-type]
+            continue
+        if embedding_supported(module) is None:
+            plan.blocks.append(EmbeddingBlock(label, module, ctx, **layout))  # type: ignore[arg-type]
+            continue
         k_reason, u_reason = KroneckerBlock.unsupported_reason(module), UnitWiseBlock.unsupported_reason(module)
         if k_reason is None:
-            plan.blocks.append(KroneckerBlock(label, module, ctx))
+            plan.blocks.append(KroneckerBlock(label, module, ctx, **layout))  # type: ignore[arg-type]
         elif u_reason is None:
             plan.blocks.append(UnitWiseBlock(label, module, ctx))
         else:
             extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
             reason = k_reason if isinstance(module, (nn.Linear, nn.Conv2d)) else u_reason
+            if isinstance(module, nn.Embedding):
+                reason = embedding_supported(module) or reason
             if extra:
                 reason = f"{type(module).__name__} (parameters {sorted(extra)})"
             plan.fallback.append((label, f"no Fisher block: {reason}"))
+    if mha:
+        logger.warning("SP-NGD: %s left to the plain momentum-SGD update: %s", ", ".join(mha), MHA_REASON)
     return plan
