@@ -39,7 +39,7 @@ from ds_spngd.data.image_folder import BatchSource, discover, load_image_folder
 from ds_spngd.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
 from ds_spngd.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
 from ds_spngd.models import MODEL_NAMES, build_model
-from ds_spngd.run_log import RunResult, StepLog, format_table, write_result
+from ds_spngd.run_log import RunResult, StepLog, agreed_step_loss, format_table, write_result
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 EVAL_BATCH = 1000
@@ -251,14 +251,8 @@ def main(argv: list[str] | None = None) -> RunResult:
             engine.backward(loss)
             loss_sum += loss.detach().double().cpu()
             if micro_idx == gas - 1:  # before the boundary step: agree on finiteness across ranks
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                loss_value = float(loss_sum) / (gas * world)
-                if not math.isfinite(loss_value) and not skips_nonfinite:
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss_value} at optimizer step {step + 1} (epoch {epoch}); "
-                        'stopped before applying the update (SP-NGD with "nonfinite": "skip" skips such steps)'
-                    )
+                loss_value = agreed_step_loss(loss_sum, gas, world, step, not skips_nonfinite,
+                                              where=f" (epoch {epoch})")
             engine.step()
         step += 1
         train_time += time.perf_counter() - t0

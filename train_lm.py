@@ -44,7 +44,7 @@ import ds_spngd
 from ds_spngd.data.sampler import BatchPlan
 from ds_spngd.data.text import EvalWindows, TextData, TokenWindows, load_text_data
 from ds_spngd.models.gpt import LM_NAMES, build_lm, lm_logits, param_groups
-from ds_spngd.run_log import StepLog
+from ds_spngd.run_log import StepLog, agreed_step_loss
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 STEP_KEYS = ("total_num_steps", "total_iters")
@@ -282,14 +282,7 @@ def main(argv: list[str] | None = None) -> LMResult:
             engine.backward(loss)
             loss_sum += loss.detach().double().cpu()
             if micro_idx == gas - 1:  # before the boundary step: agree on finiteness across ranks
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                loss_value = float(loss_sum) / (gas * world)
-                if not math.isfinite(loss_value) and not skips_nonfinite:
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss_value} at optimizer step {step + 1}; stopped before "
-                        'applying the update (SP-NGD with "nonfinite": "skip" skips such steps)'
-                    )
+                loss_value = agreed_step_loss(loss_sum, gas, world, step, not skips_nonfinite)
             engine.step()
         step += 1
         step_times.append(time.perf_counter() - t0)

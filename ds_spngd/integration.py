@@ -41,10 +41,10 @@ import torch
 from deepspeed.utils import lazy_init_hp_params_optimizer_state, log_dist
 
 from ds_spngd.checkpoint import SHARD_PATTERN
-from ds_spngd.comm.collectives import rank, world_size
+from ds_spngd.comm.collectives import rank
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
 from ds_spngd.gradients import PartitionedGradients
-from ds_spngd.memory import CATEGORIES, format_memory
+from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
 from ds_spngd.optimizer import SPNGD
 
 __all__ = ["initialize", "load_ds_config", "is_spngd_config", "get_spngd"]
@@ -205,7 +205,7 @@ def initialize(
 def memory_report(spngd: SPNGD) -> str:
     """SP-NGD's planned memory per rank: the maximum over ranks of :meth:`SPNGD.memory_plan` per category, and the
     total of the rank that needs most (computed locally: the plan depends on shapes and owners only)."""
-    plans = [spngd.memory_plan(r) for r in range(world_size(spngd.group))]
+    plans = plans_per_rank(spngd)
     worst = max(plans, key=lambda p: p["total"])
     per_cat = {k: max(p[k] for p in plans) for k in (*CATEGORIES, "total")}
     return (format_memory(per_cat, "SP-NGD memory per rank, max over ranks per category") + "\n"

@@ -30,7 +30,8 @@ from ds_spngd.comm.collectives import world_size
 if TYPE_CHECKING:
     from ds_spngd.optimizer import SPNGD
 
-__all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "block_bytes", "free_bytes"]
+__all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "memory_problem",
+           "block_bytes", "free_bytes", "plans_per_rank"]
 
 CATEGORIES = ("factors", "accumulators", "preconditioners", "comm_buffers", "momentum")
 
@@ -92,6 +93,11 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
     })
 
 
+def plans_per_rank(opt: SPNGD) -> list[dict[str, int]]:
+    """:func:`memory_plan` of every rank of the optimizer's group (computed locally: shapes and owners only)."""
+    return [memory_plan(opt, r) for r in range(world_size(opt.group))]
+
+
 def block_bytes(opt: SPNGD) -> list[tuple[str, int]]:
     """Per block, the fp32 bytes of its factors and preconditioner (one copy each), largest first."""
     method = opt.cfg.inverse_method
@@ -114,39 +120,47 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> None:
-    """Refuse to start when the SP-NGD state planned for the busiest rank does not fit the memory free now.
+def memory_problem(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> str | None:
+    """Why the SP-NGD state planned for the busiest rank does not fit the memory free now, or None when it fits.
 
-    Runs before the first step, i.e. before any factor, accumulator or preconditioner is allocated. Every rank
-    computes every rank's plan from the shapes (no collective), so all ranks raise together when the plan is the
-    problem (free memory is read locally).
+    Computed before the first step, i.e. before any factor, accumulator or preconditioner is allocated. The plans
+    come from the shapes (every rank computes every rank's), but free memory is read locally, so ranks may differ:
+    the optimizer agrees on the answer with one reduced flag before raising (:meth:`SPNGD.setup_distributed`).
 
     Args:
         opt: the optimizer.
         free: bytes free (default: :func:`free_bytes` on the optimizer's device).
         margin: the fraction of ``free`` SP-NGD may plan to use.
 
-    Raises:
-        MemoryError: naming the planned bytes per rank, the free bytes, the largest layers and the keys to turn.
+    Returns:
+        None, or a message naming the planned bytes per rank, the free bytes, the largest layers and the keys to turn.
     """
     free = free_bytes(opt.device) if free is None else free
     if free is None:
-        return
-    plans = [memory_plan(opt, r) for r in range(world_size(opt.group))]
+        return None
+    plans = plans_per_rank(opt)
     worst = max(range(len(plans)), key=lambda r: plans[r]["total"])
     need = plans[worst]["total"]
     if need <= margin * free:
-        return
+        return None
     top = ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in block_bytes(opt)[:3])
     parts = ", ".join(f"{k} {plans[worst][k] / 2**30:.2f}" for k in CATEGORIES)
     cfg = opt.cfg
-    raise MemoryError(
+    return (
         f"SP-NGD's curvature state would need {need / 2**30:.2f} GiB on rank {worst} ({parts} GiB) but "
         f"{free / 2**30:.2f} GiB are free on {opt.device}. Largest layers (factors + preconditioner): {top}. "
         f"To fit: lower optimizer.params.max_factor_dim (now {cfg.max_factor_dim}) or set large_dim_method "
         f'"diagonal" (now "{cfg.large_dim_method}"), use precondition_mode "mem_opt" on more ranks (now '
         f'"{cfg.precondition_mode}"), or list the largest layers in skip_modules. memory_check=false skips '
         "this check.")
+
+
+def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> None:
+    """Raise :class:`MemoryError` with :func:`memory_problem`'s message when the plan does not fit (this rank's
+    view; the optimizer itself agrees across ranks first)."""
+    problem = memory_problem(opt, free, margin)
+    if problem is not None:
+        raise MemoryError(problem)
 
 
 def format_memory(per_rank: dict[str, int], title: str) -> str:

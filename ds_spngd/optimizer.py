@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ds_spngd import checkpoint
 from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems
 from ds_spngd.comm.assignment import Assignment
-from ds_spngd.comm.collectives import backend, private_group, rank, world_size
+from ds_spngd.comm.collectives import all_reduce_sum, backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
 from ds_spngd.comm.inversion import distributed_update, plan_owners, share_directions
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
@@ -46,7 +46,7 @@ from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
-from ds_spngd.memory import check_memory, memory_plan, memory_usage
+from ds_spngd.memory import memory_plan, memory_problem, memory_usage
 from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
@@ -185,7 +185,23 @@ class SPNGD(torch.optim.Optimizer):
         if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
             self.grads = PartitionedGradients(self, self.blocks)
         if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
-            check_memory(self)
+            self._agree_on_memory()
+
+    def _agree_on_memory(self) -> None:
+        """Raise MemoryError on every rank together when the planned state does not fit some rank's free memory
+        (:func:`ds_spngd.memory.memory_problem`; free memory is local, so the answer is agreed by one all-reduce)."""
+        problem = memory_problem(self)
+        if world_size(self.group) > 1:
+            device = self.device
+            if "nccl" in backend(self.group) and device.type != "cuda":
+                return  # the model is not on its GPU yet (before deepspeed.initialize): attach() checks again
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+            others = float(all_reduce_sum(flag, self.group)) - (problem is not None)
+            if problem is None and others > 0:
+                problem = (f"SP-NGD's planned curvature state does not fit the free memory of {int(others)} other "
+                           "rank(s) (their error names the layers and the keys to turn)")
+        if problem is not None:
+            raise MemoryError(problem)
 
     @property
     def rank(self) -> int:

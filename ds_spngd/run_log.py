@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+import torch.distributed as dist
+
 STEP_COLUMNS = ("step", "samples", "loss", "lr", "wall_time_s")
 
 
@@ -131,3 +134,31 @@ def write_result(path: Path | str, result: RunResult, extra: dict[str, Any] | No
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**(extra or {}), **result.to_json_dict()}
     out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def agreed_step_loss(loss_sum: torch.Tensor, micro_batches: int, world: int, step: int, raise_nonfinite: bool,
+                     where: str = "") -> float:
+    """The optimizer step's mean training loss over every rank's micro-batches, agreed before the boundary step.
+
+    Called after the last micro-batch's backward, before ``engine.step()``: the one all-reduce is reached by every
+    rank, so a non-finite loss on any rank stops all of them at the same point.
+
+    Args:
+        loss_sum: this rank's sum of micro-batch losses (a 1-element fp64 CPU tensor; summed over ranks in place).
+        micro_batches: gradient_accumulation_steps.
+        world: data-parallel world size.
+        step: optimizer steps done so far (the message names step + 1).
+        raise_nonfinite: raise on a non-finite loss (False when SP-NGD skips such steps itself, ``nonfinite: "skip"``).
+        where: extra context for the message, e.g. ``" (epoch 3)"``.
+
+    Raises:
+        FloatingPointError: the mean loss is NaN/Inf and ``raise_nonfinite`` (on every rank).
+    """
+    if world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    value = float(loss_sum) / (micro_batches * world)
+    if raise_nonfinite and not math.isfinite(value):
+        raise FloatingPointError(
+            f"non-finite training loss {value} at optimizer step {step + 1}{where}; stopped before applying the "
+            'update (SP-NGD with "nonfinite": "skip" skips such steps)')
+    return value

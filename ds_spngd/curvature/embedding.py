@@ -23,11 +23,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock
+from ds_spngd.curvature.base import Capture, CaptureContext, FisherBlock
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.curvature.kronecker import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock
 
-__all__ = ["EmbeddingBlock", "embedding_supported", "add_lookups"]
+__all__ = ["EmbeddingBlock", "embedding_supported", "add_lookups", "lookup_capture"]
 
 
 def embedding_supported(module: nn.Module) -> str | None:
@@ -64,6 +64,21 @@ def add_lookups(counts: SymmetricFactor, g: SymmetricFactor, idx: Tensor, gy: Te
     g.add(rows.float() * scale, 1.0, terms)
 
 
+def lookup_capture(ctx: CaptureContext, counts: SymmetricFactor, g: SymmetricFactor) -> Capture:
+    """The hook capture of an embedding use: keeps the first m examples' indices, adds them with their output
+    gradient (:func:`add_lookups`) when it arrives."""
+
+    def capture(x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
+        n, idx = int(x.shape[0]), x[:m]
+
+        def on_grad(gy: Tensor, scale: float | Tensor) -> None:
+            add_lookups(counts, g, idx, gy, scale, ctx.terms_in(m, n))
+
+        return on_grad
+
+    return capture
+
+
 class EmbeddingBlock(KroneckerBlock):
     """K-FAC block of an nn.Embedding (see the module docstring).
 
@@ -89,10 +104,4 @@ class EmbeddingBlock(KroneckerBlock):
         return f"{self.name}: Embedding K-FAC, A diagonal {self.vocab}, G {self.g.blocks}x{self.g.dim}x{self.g.dim}"
 
     def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
-        n = int(x.shape[0])
-        idx = x[:m]
-
-        def on_grad(gy: Tensor, scale: float | Tensor) -> None:
-            add_lookups(self.a, self.g, idx, gy, scale, self.ctx.terms_in(m, n))
-
-        return on_grad
+        return lookup_capture(self.ctx, self.a, self.g)(x, m)

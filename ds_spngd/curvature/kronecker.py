@@ -153,40 +153,24 @@ class KroneckerBlock(FisherBlock):
         return f"{self.name}: {kind} K-FAC, A {_shape(self.a)}, G {_shape(self.g)}"
 
     # ---- statistics -------------------------------------------------------------------------------------------
-    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
-        """Rows a_{i,t} of the layer input.
-
-        Args:
-            x: Linear / Conv1D: N × … × d_in; Conv2d: N × c_in × H × W.
-
-        Returns:
-            (rows, T): (N·T) × d_A (bias coordinate 1 appended), T = positions per example.
-        """
+    def conv_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Conv2d (KFC): the im2col rows a_{i,t} of input x (N × c_in × H × W) as (N·T) × d_A (bias coordinate 1
+        appended), and T, the output positions per example. (Linear / Conv1D rows: :meth:`add_sequence`.)"""
         m = self.module
-        if self.is_conv:
-            assert isinstance(m, nn.Conv2d)
-            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
-            t = patches.shape[-1]
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        else:
-            rows = x.reshape(-1, x.shape[-1])
-            t = rows.shape[0] // max(int(x.shape[0]), 1)
-        return (_with_ones(rows) if self.has_bias else rows), t
-
-    def output_rows(self, gy: Tensor) -> Tensor:
-        """Rows g_{i,t} of the output gradient: (N·T) × d_out (Conv2d: N × C × H × W → positions as rows)."""
-        if self.is_conv:
-            return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
-        return gy.reshape(-1, gy.shape[-1])
+        assert isinstance(m, nn.Conv2d)
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return (_with_ones(rows) if self.has_bias else rows), patches.shape[-1]
 
     def _capture_forward(self, x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
         n = int(x.shape[0])
         if self.is_conv:
-            rows, t = self.input_rows(x[:m])
+            rows, t = self.conv_rows(x[:m])
             self.a.add(rows, 1.0, m)  # KFC: A sums over positions
 
             def on_conv_grad(gy: Tensor, scale: float | Tensor) -> None:  # KFC: G averages over positions
-                self.g.add(self.output_rows(gy) * scale, 1.0 / t, self.ctx.terms_in(m, n))
+                out = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])  # N × C × H × W → positions as rows
+                self.g.add(out * scale, 1.0 / t, self.ctx.terms_in(m, n))
 
             return on_conv_grad
         xs = x[:m]

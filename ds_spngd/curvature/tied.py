@@ -24,13 +24,11 @@ the KL-clip sum, one rescaling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from ds_spngd.curvature.base import Capture, CaptureContext
-from ds_spngd.curvature.embedding import add_lookups, token_factor
+from ds_spngd.curvature.embedding import lookup_capture, token_factor
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.curvature.kronecker import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock
 from ds_spngd.linalg import pi_from_traces
@@ -111,16 +109,7 @@ class TiedBlock(KroneckerBlock):
                 f"(V-side {self.g.blocks}x{self.g.dim}x{self.g.dim} + diagonal {self.e.size}, d-side {self.a.dim})")
 
     def hooked(self) -> list[tuple[nn.Module, Capture]]:
-        return [(self.module, self._capture_forward), (self.embedding, self._capture_lookup)]
-
-    def _capture_lookup(self, x: Tensor, m: int) -> Callable[[Tensor, float | Tensor], None]:
-        n = int(x.shape[0])
-        idx = x[:m]
-
-        def on_grad(gy: Tensor, scale: float | Tensor) -> None:
-            add_lookups(self.e, self.s, idx, gy, scale, self.ctx.terms_in(m, n))
-
-        return on_grad
+        return [(self.module, self._capture_forward), (self.embedding, lookup_capture(self.ctx, self.e, self.s))]
 
     def side_values(self) -> tuple[Tensor, Tensor]:
         a, g, e, s = self.a.value, self.g.value, self.e.value, self.s.value
