@@ -1,9 +1,10 @@
-"""Reference DeepSpeed training script for ds_spngd (MNIST by default, or an image folder).
+"""Reference DeepSpeed training script for ds_spngd (MNIST by default, Fashion-MNIST, or an image folder).
 
 Usage::
 
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/spngd.json [--model cnn] [--epochs E]
-        [--global-batch B] [--target-acc 0.985] [--stop-at-target] [--eval-interval K] [--data-path DIR]
+        [--global-batch B] [--target-acc 0.985] [--stop-at-target] [--eval-interval K]
+        [--dataset mnist|fashion-mnist | --data-path DIR]
         [--image-size S] [--image-backend auto|dali|pil] [--val-fraction F] [--out-dir runs/NAME] [--seed S]
         [--max-steps N] [--bn-recalib-batches K]
 
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 import ds_spngd
+from ds_spngd.data.fashion_mnist import load_fashion_mnist
 from ds_spngd.data.image_folder import BatchSource, discover, load_image_folder
 from ds_spngd.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
 from ds_spngd.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
@@ -43,6 +45,7 @@ from ds_spngd.run_log import RunResult, StepLog, agreed_step_loss, format_table,
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 EVAL_BATCH = 1000
+DATASETS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -55,12 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-acc", type=float, default=None, help="report steps/time to this test top-1 (0..1)")
     p.add_argument("--stop-at-target", action="store_true", help="stop once --target-acc is reached")
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate every K optimizer steps (default: epoch)")
+    p.add_argument("--dataset", default=None, choices=tuple(DATASETS),
+                   help="built-in data set (default mnist): train on its 50k train split, evaluate on its 10k test "
+                        "split; fashion-mnist needs `apt-get install dataset-fashion-mnist` or FASHION_MNIST_DIR")
     p.add_argument("--data-path", default=None, help="image folder (root/train + root/val, or root/<class>)")
     p.add_argument("--image-size", type=int, default=224, help="crop side for --data-path images")
     p.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),
                    help="decoder for --data-path: DALI when importable (auto), or force one")  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a single-folder --data-path")
-    p.add_argument("--out-dir", default=None, help="output folder (default runs/<config>_<model>_b<B>_w<world>)")
+    p.add_argument("--out-dir", default=None,
+                   help="output folder (default runs/<config>_<model>_b<B>_w<world>[_fashion-mnist])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--bn-recalib-batches", type=int, default=0,
@@ -71,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required")
+    if args.dataset is not None and args.data_path is not None:
+        p.error("give --dataset or --data-path, not both")
     if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
         p.error(f"--target-acc must lie in (0, 1], got {args.target_acc}")
     if args.bn_recalib_batches < 0:
@@ -85,15 +94,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 SourceFactory = Callable[[BatchPlan], tuple[BatchSource, BatchSource]]
 
 
+def dataset_name(args: argparse.Namespace) -> str:
+    """``"mnist"``, ``"fashion-mnist"`` or ``"folder:<--data-path>"`` (for the settings table)."""
+    return f"folder:{args.data_path}" if args.data_path is not None else args.dataset or "mnist"
+
+
 def open_data(args: argparse.Namespace) -> tuple[int, SourceFactory, int, int, int]:
-    """Open MNIST or ``--data-path`` before the batch layout is known.
+    """Open MNIST / Fashion-MNIST (``--dataset``) or ``--data-path`` before the batch layout is known.
 
     Returns:
         ``(n_train, make_sources, num_classes, in_channels, image_size)``; ``make_sources(plan)`` gives the
         ``(train, test)`` batch sources for a :class:`BatchPlan`.
+
+    Raises:
+        FileNotFoundError: the data set is not installed (the message says how to install it).
     """
     if args.data_path is None:
-        mnist = load_mnist()
+        mnist = DATASETS[args.dataset or "mnist"]()
 
         def mnist_sources(plan: BatchPlan) -> tuple[BatchSource, BatchSource]:
             return TensorBatches(mnist.train_x, mnist.train_y, plan), TensorBatches(mnist.test_x, mnist.test_y, plan)
@@ -217,10 +234,14 @@ def main(argv: list[str] | None = None) -> RunResult:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     eval_interval = args.eval_interval or spe
-    name = args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}"
+    suffix = f"_{args.dataset}" if args.dataset not in (None, "mnist") else ""
+    name = args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}{suffix}"
     out_dir = Path(name)
     optimizer_type = str(config.get("optimizer", {}).get("type", "client"))
-    settings = {"model": args.model, "optimizer": optimizer_type, "config": str(config_path), "world_size": world,
+    basic = type(getattr(engine, "basic_optimizer", None))
+    settings = {"dataset": dataset_name(args), "model": args.model, "optimizer": optimizer_type,
+                "optimizer_class": f"{basic.__module__.split('.')[0]}.{basic.__name__}",
+                "config": str(config_path), "world_size": world,
                 "global_batch": global_batch, "micro_batch": micro, "gradient_accumulation_steps": gas,
                 "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
                 "bn_recalib_batches": args.bn_recalib_batches}  # fmt: skip

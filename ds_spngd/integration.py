@@ -22,6 +22,10 @@ passed to deepspeed.initialize untouched. For SPNGD the wrapper
   overflow-skipped steps (statistics dropped, nothing else touched), steps SP-NGD skipped itself (reported to
   DeepSpeed as overflow, so it counts them and holds the LR scheduler), per-rank SP-NGD checkpoint shards next to
   DeepSpeed's files, the start-up memory report, and per-step timings/bytes/memory written to DeepSpeed's monitor.
+
+``"type": "LARS"`` / ``"Lamb"`` select the layer-wise first-order baselines (:mod:`ds_spngd.first_order`): unless
+DeepSpeed's own FusedLamb runs them (Lamb on CUDA), the wrapper validates their params, builds the pytorch-optimizer
+class on the parameters and passes it to deepspeed.initialize as a client optimizer (ZeRO stage 0; fp32 or bf16).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from deepspeed.utils import lazy_init_hp_params_optimizer_state, log_dist
 from ds_spngd.checkpoint import SHARD_PATTERN
 from ds_spngd.comm.collectives import rank
 from ds_spngd.config import SPNGDConfigError, parse_spngd_params
+from ds_spngd.first_order import initialize_first_order, is_first_order_config
 from ds_spngd.gradients import PartitionedGradients
 from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
 from ds_spngd.optimizer import SPNGD
@@ -134,14 +139,16 @@ def initialize(
     mesh_param: Any = None,
     config_params: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
-    """Drop-in replacement for ``deepspeed.initialize`` that understands ``"optimizer": {"type": "SPNGD"}``.
+    """Drop-in replacement for ``deepspeed.initialize`` that understands ``"optimizer": {"type": "SPNGD"}`` (and
+    ``"LARS"`` / ``"Lamb"``, :func:`ds_spngd.first_order.initialize_first_order`).
 
     Arguments and return value are deepspeed.initialize's: (engine, optimizer, training_dataloader, lr_scheduler).
     The returned optimizer is DeepSpeed's (a bf16 wrapper around SP-NGD, or SP-NGD itself); :func:`get_spngd`
     finds the SP-NGD object.
 
     Raises:
-        SPNGDConfigError: invalid or unsupported SP-NGD configuration (before anything is built).
+        SPNGDConfigError: invalid or unsupported SP-NGD configuration (before anything is built); its subclass
+            :class:`ds_spngd.first_order.OptimizerConfigError` for LARS / Lamb.
         ValueError: SPNGD selected but an optimizer object was also passed, or no model.
     """
     passthrough = dict(
@@ -156,6 +163,9 @@ def initialize(
     if source is None:
         return deepspeed.initialize(**passthrough)
     ds_config = load_ds_config(source)
+    if is_first_order_config(ds_config):  # LARS / Lamb: ds_spngd.first_order
+        ds_args = _without_config_path(args) if args_config is not None else args
+        return initialize_first_order(ds_config, {**passthrough, "args": ds_args, "config_params": None})
     if not is_spngd_config(ds_config):
         return deepspeed.initialize(**passthrough)
     if optimizer is not None:
@@ -183,10 +193,7 @@ def initialize(
 
     params = list(model.parameters() if model_parameters is None else model_parameters)
     spngd = SPNGD(params, model=model, config=spngd_cfg)
-    ds_args = args
-    if args_config is not None:
-        ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
-        ds_args.deepspeed_config = None
+    ds_args = _without_config_path(args) if args_config is not None else args
     spngd.suspended = True  # DeepSpeed's precision wrappers call step() once while being built
     try:
         engine, ds_opt, loader, scheduler = deepspeed.initialize(
@@ -200,6 +207,13 @@ def initialize(
     log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
     log_dist(memory_report(spngd), ranks=[0])
     return engine, ds_opt, loader, scheduler
+
+
+def _without_config_path(args: Any) -> Any:
+    """A copy of ``args`` with ``deepspeed_config = None`` (DeepSpeed refuses a config path and a dict together)."""
+    ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
+    ds_args.deepspeed_config = None
+    return ds_args
 
 
 def memory_report(spngd: SPNGD) -> str:

@@ -130,7 +130,7 @@ def test_batch_layout_consistency_checks() -> None:
         batch_layout({"train_batch_size": "64"}, 1)
 
 
-@pytest.mark.parametrize("name", ["sgd", "lamb"])
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb"])
 def test_shipped_configs_resolve_and_pass_deepspeed_validation(name: str) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
