@@ -67,6 +67,13 @@ class SPNGDConfig(BaseModel):
             the mean input over positions, G from the summed output gradient; cheaper, O(N·d²) instead of O(N·T·d²)).
             Positions whose output gradient is exactly zero (padding, ignored labels) are left out of both factors.
             Embeddings always use expand (their reduce input factor would be a dense vocab² matrix).
+        factor_dtype: the dtype of the outer products behind the factors (each product is accumulated into the fp32
+            factor): ``"auto"`` (default) = bf16 when the layer's inputs / output gradients already are bf16 (a
+            model under DeepSpeed's bf16), else fp32; ``"bf16"`` = always bf16 (fp16/fp32 rows are cast first);
+            ``"fp32"`` = always fp32. A bf16 product x xᵀ is computed with fp32 accumulation inside the matmul and
+            rounded once to bf16 (relative error ≈ 2⁻⁹ per entry, before the fp32 running average), at a fraction
+            of the fp32 cost where the hardware has bf16 matrix units (the half-precision statistics of Osawa et
+            al. 2019 §5). fp16 rows are never multiplied in fp16 (products overflow beyond 65504).
         max_factor_dim: a Kronecker factor side larger than this (e.g. a 50257-token vocabulary) is not held as a
             dense d × d matrix but as ``large_dim_method`` says (the spirit of Distributed Shampoo's
             ``max_preconditioner_dim``, arXiv:2309.06497).
@@ -99,6 +106,17 @@ class SPNGDConfig(BaseModel):
             out of memory mid-step.
         max_consecutive_skips: with ``nonfinite: "skip"``, at most this many steps in a row may be skipped; the next
             consecutive failure raises FloatingPointError (a run that keeps failing is not recovering).
+        stale_statistics: per-factor adaptive refresh intervals ("stale statistics", Osawa et al. TPAMI 2020,
+            arXiv:2002.06015): each factor (A, G, unit-wise block) is refreshed only on the factor-update steps its own
+            interval says; a factor not due skips its statistics, its reduction and (when no factor of its block was
+            refreshed since the block's last inversion) its block's inversion. False (default) = every factor on
+            every ``factor_update_steps`` step, as before. The rule: :mod:`ds_spngd.staleness`.
+        stale_tolerance: τ ≥ 0 of the rule: after a refresh, a factor whose running average moved by less than τ
+            relative to the value it replaces (‖F_new − F_old‖_F / ‖F_old‖_F < τ) doubles its interval (up to
+            ``stale_max_interval``), else its interval goes back to 1. 0 never grows an interval (every factor is
+            refreshed on every factor-update step: the default schedule).
+        stale_max_interval: cap on a factor's interval, in factor-update slots (multiples of
+            ``factor_update_steps``); 1 never skips.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -118,6 +136,7 @@ class SPNGDConfig(BaseModel):
     momentum_correction: bool = True
     loss_reduction: Literal["mean", "sum"] = "mean"
     kfac_approx: Literal["expand", "reduce"] = "expand"
+    factor_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     max_factor_dim: int = Field(4096, ge=1)
     large_dim_method: Literal["block", "diagonal"] = "block"
     memory_check: bool = True
@@ -128,10 +147,14 @@ class SPNGDConfig(BaseModel):
     overlap_comm: bool = True
     nonfinite: Literal["raise", "skip"] = "raise"
     max_consecutive_skips: int = Field(10, ge=1)
+    stale_statistics: bool = False
+    stale_tolerance: float = Field(0.05, ge=0.0)
+    stale_max_interval: int = Field(8, ge=1)
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
-        "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", mode="before",
+        "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", "stale_tolerance",
+        "stale_max_interval", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:

@@ -81,7 +81,7 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
     held = owned if mem_opt else list(opt.blocks)
     method = opt.cfg.inverse_method
     elem = torch.empty(0, dtype=opt.reducer.dtype, device="cpu").element_size()
-    payload = sum(b.numel for b in opt.reducer.buckets) * elem
+    payload = sum(b.numel for b in opt.reducer.all_buckets) * elem
     directions = 4 * sum(p.numel() for b in opt.blocks for p in b.params) if mem_opt else 0
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     return _total({

@@ -47,6 +47,7 @@ from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
 from ds_spngd.memory import memory_plan, memory_problem, memory_usage
+from ds_spngd.staleness import RefreshSchedule
 from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
@@ -102,8 +103,13 @@ class SPNGD(torch.optim.Optimizer):
         self._param_names = [names.get(id(p), f"param_groups[{gi}][{pi}]")
                              for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
         for b in self.blocks:
+            for f in b.factors:
+                f.precision = cfg.factor_dtype
             b.register()
         self._output_hook = ModelOutputHook(model, self.ctx)  # loss terms; the MC Fisher's sampled backward
+        self.refresh = RefreshSchedule(self.blocks, cfg.factor_update_steps, cfg.stale_statistics, cfg.stale_tolerance,
+                                       cfg.stale_max_interval, cfg.factor_decay)  # which factors refresh when
+        self.ctx.collecting = self.refresh.plan(0)
         self._owners: Assignment | None = None  # inversion (and factor) owners
         self.reducer: FactorReducer | None = None
         self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
@@ -182,6 +188,7 @@ class SPNGD(torch.optim.Optimizer):
                                      int(cfg.bucket_cap_mb * (1 << 20)), cfg.overlap_comm)
         if old is not None:
             self.reducer.adopt_counts(old)
+        self.reducer.set_due(self.refresh.due_mask())
         if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
             self.grads = PartitionedGradients(self, self.blocks)
         if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
@@ -230,9 +237,11 @@ class SPNGD(torch.optim.Optimizer):
             stats.update(comm_wait_s=rs["wait_s"], comm_launch_s=rs["launch_s"], factor_bytes=rs["payload_bytes"],
                          factor_dense_bytes=rs["dense_bytes"], buckets_early=rs["buckets_early"],
                          buckets=rs["buckets"])
-        sums = agree([*parts, self.grads.nonfinite_flags(device)], self.group, device)
-        n = len(factors)
-        had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n :]
+        world = world_size(self.group)
+        changes = self.refresh.change_terms(self.reducer.owned_totals(), world, device) if refresh else []
+        sums = agree([*parts, *changes, self.grads.nonfinite_flags(device)], self.group, device)
+        n, m = len(factors), 3 * len(factors) if changes else 0
+        had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
         problems = [Problem(f.name, f"{int(k)} contribution(s) arrived after its bucket was sent (the layer ran more "
                             "often this step than on the first refresh step); set overlap_comm=false for models "
                             "whose layers run a varying number of times per step", numerical=False)
@@ -246,6 +255,7 @@ class SPNGD(torch.optim.Optimizer):
         if problems:
             raise StepFailure(problems)
         if refresh:
+            self.refresh.decide(sums[3 * n : 3 * n + m], had, self.steps)  # stale_statistics' next intervals
             self.reducer.commit(had, self.cfg.factor_decay)
             self._report_silent()
 
@@ -266,7 +276,8 @@ class SPNGD(torch.optim.Optimizer):
             StepFailure: an owner failed to build a preconditioner (agreed by every rank); nothing was installed.
         """
         assert self._owners is not None
-        todo = [b.has_factors and (invert or not b.has_preconditioner) for b in self.blocks]
+        todo = [b.has_factors and (inv or not b.has_preconditioner)
+                for b, inv in zip(self.blocks, self.refresh.to_invert(invert), strict=True)]
         if not any(todo):
             return
         t0 = time.perf_counter()
@@ -274,6 +285,7 @@ class SPNGD(torch.optim.Optimizer):
                                             self.group, self.cfg.precondition_mode == "comm_opt", device)
         if problems:
             raise StepFailure(problems)
+        self.refresh.inverted(todo)
         stats["inverse_bytes"] = float(sent)
         stats["inversion_s"] = time.perf_counter() - t0
 
@@ -350,7 +362,7 @@ class SPNGD(torch.optim.Optimizer):
         stats: dict[str, float | Tensor] = {"factor_s": self.ctx.factor_seconds}
         self.ctx.factor_seconds = 0.0
         cfg = self.cfg
-        refresh = self.steps % cfg.factor_update_steps == 0
+        refresh = self.ctx.collecting  # planned at the end of the previous step (every rank alike)
         invert = self.steps % cfg.inv_update_steps == 0
         device = self.device
         assert self.reducer is not None
@@ -359,8 +371,10 @@ class SPNGD(torch.optim.Optimizer):
             self._refresh_preconditioners(invert, device, stats)
         except StepFailure as failure:
             self.reducer.rollback()
+            self.refresh.discard()
             return self._fail(failure.problems, loss)
         self.reducer.settle()
+        self.refresh.apply()
         t0 = time.perf_counter()
         directions = self._preconditioned(device, stats)
         stats["precondition_s"] = time.perf_counter() - t0
@@ -369,12 +383,25 @@ class SPNGD(torch.optim.Optimizer):
         if cfg.weight_rescale:
             self._rescale_weights(device)
         stats["refresh"], stats["invert"], stats["skipped"] = float(refresh), float(invert), 0.0
+        stats["refresh_fraction"] = self.refresh.refresh_fraction()
+        if cfg.stale_statistics:
+            stats.update(self.refresh.block_fractions())
         stats["optimizer_s"] = time.perf_counter() - t_start
         self._stats = stats
         self.steps += 1
         self.consecutive_skips = 0
-        self.ctx.collecting = self.steps % cfg.factor_update_steps == 0
+        self._plan_collection()
         return loss
+
+    def _plan_collection(self) -> None:
+        """Decide which factors the next step refreshes (:mod:`ds_spngd.staleness`; every rank alike)."""
+        self.ctx.collecting = self.refresh.plan(self.steps)
+        if self.reducer is not None:
+            self.reducer.set_due(self.refresh.due_mask())
+
+    def refresh_intervals(self) -> dict[str, int]:
+        """Factor name → its current refresh interval in factor-update slots (``stale_statistics``; 1 otherwise)."""
+        return self.refresh.intervals()
 
     def _fail(self, problems: list[Problem], loss: float | None) -> float | None:
         """End a step whose problems every rank agreed on: raise the same error everywhere, or skip it."""
@@ -452,6 +479,7 @@ class SPNGD(torch.optim.Optimizer):
             "world_size": world_size(self.group),
             "rank": self.rank,
             "blocks": {b.name: b.state_dict() for b in self.blocks},
+            "refresh": self.refresh.state_dict(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -472,7 +500,8 @@ class SPNGD(torch.optim.Optimizer):
         self.steps = int(top["steps"])
         self.skipped_steps = int(top.get("skipped_steps", 0))
         self.consecutive_skips = int(top.get("consecutive_skips", 0))
-        self.ctx.collecting = self.steps % self.cfg.factor_update_steps == 0
+        self.refresh.load_state_dict(top.get("refresh"))
+        self._plan_collection()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's contract plus SP-NGD's blocks; the blocks are checked before anything is modified.

@@ -4,8 +4,10 @@ test_device_and_faults.py).
 Run as: RANK=r WORLD_SIZE=w LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/dist_worker.py OUT CASES_JSON
 Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int} plus optional "damping", "skip",
 "fisher_type", "zero" (stage), "mode" (precondition_mode), "comm_dtype", "overlap", "bucket_cap_mb", "kl_clip",
-"weight_rescale", "nonfinite", "max_consecutive_skips", "inv_update_steps", "resume_at" (save a checkpoint after
-that many steps, build a fresh engine, load it and continue), "groups" (two parameter groups, see
+"weight_rescale", "nonfinite", "max_consecutive_skips", "inv_update_steps", "stale_statistics", "stale_tolerance",
+"stale_max_interval", "count_collectives" (record every reduce / all_reduce / broadcast per step), "resume_at"
+(save a checkpoint after that many steps, build a fresh engine, load it and continue),
+"groups" (two parameter groups, see
 :func:`param_groups`; every rank then also records each parameter's momentum buffer after the last step, read with
 DeepSpeed's ``safe_get_full_optimizer_state`` under ZeRO), "grad_accum_fp32" (bf16 with fp32 gradient accumulation:
 DeepSpeed's BF16_Optimizer at ZeRO 1), and for the device and fault tests:
@@ -124,7 +126,8 @@ def build(case: dict, world: int, rank: int = 0):
             "precondition_mode": case.get("mode", "comm_opt"), "comm_dtype": case.get("comm_dtype", "fp32"),
             "overlap_comm": case.get("overlap", True), "bucket_cap_mb": case.get("bucket_cap_mb", 4.0),
             "kl_clip": case.get("kl_clip"), "weight_rescale": case.get("weight_rescale", False),
-            **{k: case[k] for k in ("nonfinite", "max_consecutive_skips") if k in case}}},
+            **{k: case[k] for k in ("nonfinite", "max_consecutive_skips", "stale_statistics", "stale_tolerance",
+                                    "stale_max_interval") if k in case}}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.2,
                                                       "warmup_num_steps": 4, "warmup_type": "linear"}},
     }
@@ -191,6 +194,29 @@ def _record(out: dict, engine, model: nn.Module, loss: float) -> None:
     out["ds_skipped"].append(int(engine.skipped_steps))
     out["lr"].append(float(engine.get_lr()[0]))
     out["skipped"].append(int(getattr(spngd, "skipped_steps", 0)))
+    out["intervals"].append(spngd.refresh_intervals())
+    out["due"].append(list(spngd.refresh.due))  # the next step's due set
+    out["collectives"].append(list(COLLECTIVES))
+    COLLECTIVES.clear()
+
+
+COLLECTIVES: list[tuple[str, int]] = []  # (name, numel) of each torch.distributed collective since the last record
+
+
+def _count_collectives() -> None:
+    """"count_collectives": record every reduce / all_reduce / broadcast this process issues (SP-NGD's and
+    DeepSpeed's), so a test can check that every rank issued the same sequence per step."""
+    for name in ("reduce", "all_reduce", "broadcast"):
+        real = getattr(dist, name)
+        if getattr(real, "_counted", False):
+            continue
+
+        def counted(tensor, *args, _real=real, _name=name, **kwargs):
+            COLLECTIVES.append((_name, int(tensor.numel())))
+            return _real(tensor, *args, **kwargs)
+
+        counted._counted = True  # type: ignore[attr-defined]
+        setattr(dist, name, counted)
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:
@@ -202,12 +228,15 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             return run_case({**case, "canary": False}, rank, world)
         finally:
             SymmetricFactor.take_local = original  # type: ignore[method-assign]
+    if case.get("count_collectives"):
+        _count_collectives()
     engine, model = build(case, world, rank)
+    COLLECTIVES.clear()
     dtype = torch.bfloat16 if case["bf16"] else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(1)
     inject = case.get("inject") or {}
     out: dict = {"history": [], "losses": [], "stats": [], "params": [], "grads_finite": [], "ds_skipped": [],
-                 "lr": [], "skipped": [], "error": None}
+                 "lr": [], "skipped": [], "intervals": [], "due": [], "collectives": [], "error": None}
     holder = [tempfile.mkdtemp(prefix="spngd_ckpt_") if rank == 0 else None]
     if case.get("resume_at") is not None:
         dist.broadcast_object_list(holder, src=0)

@@ -42,9 +42,13 @@ DEFAULTS = {
     "nonfinite": "raise",
     "max_consecutive_skips": 10,
     "kfac_approx": "expand",
+    "factor_dtype": "auto",
     "max_factor_dim": 4096,
     "large_dim_method": "block",
     "memory_check": True,
+    "stale_statistics": False,
+    "stale_tolerance": 0.05,
+    "stale_max_interval": 8,
 }
 
 # a valid non-default value for every public key
@@ -71,9 +75,13 @@ VALID = {
     "nonfinite": "skip",
     "max_consecutive_skips": 3,
     "kfac_approx": "reduce",
+    "factor_dtype": "bf16",
     "max_factor_dim": 1024,
     "large_dim_method": "diagonal",
     "memory_check": False,
+    "stale_statistics": True,
+    "stale_tolerance": 0.2,
+    "stale_max_interval": 4,
 }
 
 # (key, value of a wrong type)
@@ -112,7 +120,13 @@ WRONG_TYPE = [
     ("max_factor_dim", True),
     ("max_factor_dim", 2.5),
     ("large_dim_method", 0),
+    ("factor_dtype", 16),
     ("memory_check", "maybe"),
+    ("stale_statistics", "often"),
+    ("stale_tolerance", "loose"),
+    ("stale_tolerance", True),
+    ("stale_max_interval", 2.5),
+    ("stale_max_interval", True),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -148,7 +162,11 @@ OUT_OF_RANGE = [
     ("kfac_approx", "sum"),
     ("max_factor_dim", 0),
     ("large_dim_method", "lowrank"),
+    ("factor_dtype", "fp16"),
     ("memory_check", 2),
+    ("stale_statistics", 2),
+    ("stale_tolerance", -0.1),
+    ("stale_max_interval", 0),
 ]
 
 

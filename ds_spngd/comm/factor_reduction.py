@@ -21,7 +21,9 @@ Per factor-refresh step:
    Non-owners only advance the factors' versions. :meth:`rollback` / :meth:`settle` undo or finalize the commit.
 
 Collective order is identical on every rank by construction: the bucket plan depends only on the blocks (module
-order), their owners and the cap, buckets are launched in plan order, and they travel on SP-NGD's private
+order), their owners, the cap and the step's due set (:meth:`FactorReducer.set_due`: with ``stale_statistics`` only
+the factors due this step are planned, in the same readiness order; the due set is agreed by every rank,
+:mod:`ds_spngd.staleness`), buckets are launched in plan order, and they travel on SP-NGD's private
 communicator (:func:`ds_spngd.comm.collectives.private_group`), so readiness only decides *when*, never the order.
 Gradient accumulation adds locally; the reduction happens once per optimizer step. Buffers are packed on the
 factors' device.
@@ -138,10 +140,12 @@ class FactorReducer:
         if len({f.name for f in factors}) != len(factors):
             raise ValueError("factor names must be unique")
         elem = torch.empty(0, dtype=comm_dtype, device="cpu").element_size()
-        self.buckets = plan_buckets([factors[i] for i in order], [owners[i] for i in order],
-                                    max(1, bucket_cap_bytes // elem))
-        self._bucket_of = {f.name: k for k, b in enumerate(self.buckets) for f in b.factors}
-        self._traffic = factor_traffic_bytes(self.factors, comm_dtype)  # fixed by the shapes
+        self._order, self._owner_list = order, list(owners)
+        self._cap = max(1, bucket_cap_bytes // elem)
+        self._plans: dict[tuple[bool, ...] | None, tuple[list[Bucket], dict[str, int], tuple[int, int]]] = {}
+        self._due: tuple[bool, ...] | None = None
+        self.buckets, self._bucket_of, self._traffic = self._plan(None)
+        self.all_buckets = self.buckets  # the plan of a step that refreshes every factor (memory planning)
         self._expected: dict[str, int] | None = None  # contributions per factor and step, learned at the 1st refresh
         self._totals: dict[str, Tensor] = {}
         self._had: dict[str, float | Tensor] = {}
@@ -150,6 +154,39 @@ class FactorReducer:
         self.stats: dict[str, float] = {}
         for f in self.factors:
             f.on_add = self.notify
+
+    def _plan(self, due: tuple[bool, ...] | None) -> tuple[list[Bucket], dict[str, int], tuple[int, int]]:
+        """(buckets, factor name → bucket index, traffic) of the factors in ``due`` (None = all), cached."""
+        if due not in self._plans:
+            keep = [i for i in self._order if due is None or due[i]]
+            buckets = plan_buckets([self.factors[i] for i in keep], [self._owner_list[i] for i in keep], self._cap)
+            bucket_of = {f.name: k for k, b in enumerate(buckets) for f in b.factors}
+            traffic = factor_traffic_bytes([f for b in buckets for f in b.factors], self.dtype)
+            self._plans[due] = (buckets, bucket_of, traffic)
+        return self._plans[due]
+
+    def set_due(self, due: Sequence[bool] | None) -> None:
+        """Reduce only the factors marked in ``due`` (:attr:`factors` order; None = every factor) from the next
+        refresh on. The mask must be identical on every rank (it decides the buckets and so the collectives).
+
+        Raises:
+            RuntimeError: buckets of the current step are in flight.
+            ValueError: ``due`` does not have one entry per factor.
+        """
+        key = None if due is None or all(due) else tuple(bool(d) for d in due)
+        if key is not None and len(key) != len(self.factors):
+            raise ValueError(f"due mask of {len(key)} entries for {len(self.factors)} factors")
+        if key == self._due:
+            return
+        if self._flights or any(self._adds.values()):
+            raise RuntimeError("the due set cannot change while a step's factor reduction is under way")
+        self._due = key
+        self.buckets, self._bucket_of, self._traffic = self._plan(key)
+        self._reset()
+
+    def owned_totals(self) -> dict[str, Tensor]:
+        """Factor name → reduced sum Σ_r mean_r held by this rank (its owned factors of the completed step)."""
+        return self._totals
 
     def _reset(self) -> None:
         self._adds: dict[str, int] = {f.name: 0 for f in self.factors}
@@ -169,8 +206,8 @@ class FactorReducer:
         """
         key = f.name
         self._adds[key] += 1
-        if self._expected is None or not self.overlap:
-            return
+        if self._expected is None or not self.overlap or key not in self._bucket_of:
+            return  # (a factor outside the due set: its contribution is dropped at complete())
         k = self._bucket_of[key]
         if k < self._next:
             self._late[key] = self._late.get(key, 0) + 1
@@ -228,9 +265,9 @@ class FactorReducer:
             norms = torch.stack(torch._foreach_norm(owned, float("inf")))
             idx = [i for i, f in enumerate(self.factors) if f.name in self._totals]
             bad[idx] = (~torch.isfinite(norms)).float()
-        had_v = torch.tensor([h if isinstance(h := self._had[f.name], float) else 0.0 for f in self.factors],
+        had_v = torch.tensor([h if isinstance(h := self._had.get(f.name, 0.0), float) else 0.0 for f in self.factors],
                              dtype=torch.float32, device=device)
-        counted = [(i, h) for i, f in enumerate(self.factors) if isinstance(h := self._had[f.name], Tensor)]
+        counted = [(i, h) for i, f in enumerate(self.factors) if isinstance(h := self._had.get(f.name, 0.0), Tensor)]
         if counted:
             had_v[[i for i, _ in counted]] = torch.stack([h.to(device) for _, h in counted])
         late_v = torch.tensor([float(self._late.get(f.name, 0)) for f in self.factors], dtype=torch.float32,

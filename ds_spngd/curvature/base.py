@@ -7,7 +7,8 @@ Statistics are captured by module hooks, never by reading ``p.grad`` (ZeRO frees
 * the tensor hook sees ∂L/∂(output) during backward (for G). The gradient seen there is that of the *reduced* loss;
   :meth:`CaptureContext.example_scale` turns it into the per-example gradient ∂ℓ_i/∂s_i.
 
-On steps that do not refresh factors both hooks return at once, so the non-refresh step costs the same as SGD's.
+On steps that do not refresh factors both hooks return at once, so the non-refresh step costs the same as SGD's; so
+do they for a block none of whose factors is due (``stale_statistics``: :attr:`SymmetricFactor.due`).
 
 A block's preconditioner is built in two stages so that no rank can fail alone between collectives: its owner rank
 *drafts* it (:meth:`FisherBlock.draft_preconditioner`: Cholesky jobs whose status is checked for all blocks at once,
@@ -215,6 +216,8 @@ class FisherBlock(ABC):
             if self._inert or not (self.ctx.collecting and module.training and torch.is_grad_enabled()):
                 return
             if not inputs or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            if not any(f.due for f in self.factors):  # every factor's refresh is skipped (stale_statistics)
                 return
             t0 = time.perf_counter()
             x = inputs[0].detach()

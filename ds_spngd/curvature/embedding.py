@@ -61,7 +61,7 @@ def add_lookups(counts: SymmetricFactor, g: SymmetricFactor, idx: Tensor, gy: Te
     freq = torch.zeros(counts.size, dtype=torch.float32, device=rows.device)
     freq.index_add_(0, idx.reshape(-1).to(device=rows.device, dtype=torch.long), mask)
     counts.add_diagonal(freq, mask.sum())
-    g.add(rows.float() * scale, 1.0, terms)
+    g.add(g.cast(rows) * scale, 1.0, terms)
 
 
 def lookup_capture(ctx: CaptureContext, counts: SymmetricFactor, g: SymmetricFactor) -> Capture:

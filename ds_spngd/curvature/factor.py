@@ -79,6 +79,10 @@ class SymmetricFactor:
         value: B × d × d fp32 running average after the last commit, or None before the first.
         version: increments on each commit on every rank (owner or not).
         on_add: called with the factor after every ``add`` (the reducer counts contributions to launch buckets).
+        precision: dtype of the outer products (``factor_dtype`` of the config, :meth:`cast`): ``"auto"``,
+            ``"bf16"`` or ``"fp32"``; the accumulator is fp32 whatever it says.
+        due: False while this factor's refresh is skipped (``stale_statistics``, :mod:`ds_spngd.staleness`):
+            :meth:`add` and :meth:`add_diagonal` then do nothing (no product, no count, no reducer notification).
     """
 
     def __init__(self, name: str, dim: int, blocks: int = 1, final_in: str = "backward",
@@ -92,6 +96,8 @@ class SymmetricFactor:
         self.final_in = final_in
         self._device = device
         self.on_add: Callable[[SymmetricFactor], None] | None = None
+        self.precision: str = "auto"
+        self.due: bool = True
         self.accum: Tensor | None = None
         self.count: Count = 0.0
         self.value: Tensor | None = None
@@ -126,24 +132,35 @@ class SymmetricFactor:
         """Length of the packed upper triangle: B·d(d+1)/2."""
         return self.blocks * self.dim * (self.dim + 1) // 2
 
+    def cast(self, t: Tensor) -> Tensor:
+        """``t`` in the dtype this factor's outer products use: bf16 rows stay bf16 under ``"auto"``, every dtype
+        becomes bf16 under ``"bf16"``; everything else (fp16, fp32, ``"fp32"``) becomes fp32. No copy when the dtype
+        already matches."""
+        if self.precision == "bf16" or (self.precision == "auto" and t.dtype == torch.bfloat16):
+            return t.to(torch.bfloat16)
+        return t.float()
+
     def add(self, rows: Tensor, weight: float, n_examples: Count) -> None:
         """Accumulate weight · rowsᵀ rows (per block) from one micro-batch.
 
         Args:
             rows: M × d (B = 1), B × M × d, or M × size for a blocked / diagonal side (:meth:`for_side`: the
-                coordinates are split into the blocks, the padding is zero); any float dtype, upcast to fp32.
+                coordinates are split into the blocks, the padding is zero); any float dtype, brought to the
+                product dtype by :meth:`cast` (bf16 or fp32); the products are added to the fp32 accumulator.
             weight: scalar multiplying the outer-product sum (e.g. 1/|T| for KFC's G, scale² for loss scaling).
             n_examples: the number of examples (or positions) the M rows came from (added to ``count``).
 
         Raises:
             ValueError: when the trailing dimension or block count does not match the factor.
         """
-        r = rows.float()
+        if not self.due:
+            return
+        r = self.cast(rows)
         if r.dim() == 2 and self.blocks > 1 and r.shape[1] == self.size:
             if self.dim == 1:  # diagonal: Σ_rows r² per coordinate, no M × size × 1 detour
                 self._ensure_accum(r.device)
                 assert self.accum is not None
-                self.accum.view(-1)[: self.size].add_(r.square().sum(0), alpha=weight)
+                self.accum.view(-1)[: self.size].add_(r.square().sum(0, dtype=torch.float32), alpha=weight)
                 self._count(n_examples)
                 return
             if self.padded != self.size:
@@ -158,7 +175,9 @@ class SymmetricFactor:
             )
         self._ensure_accum(r.device)
         assert self.accum is not None
-        if self.blocks == 1:
+        if r.dtype != torch.float32:  # bf16 product (fp32 accumulation inside the matmul), added in fp32
+            self.accum.add_(torch.matmul(r.transpose(1, 2), r), alpha=weight)
+        elif self.blocks == 1:
             self.accum[0].addmm_(r[0].t(), r[0], alpha=weight)
         else:
             self.accum.baddbmm_(r.transpose(1, 2), r, alpha=weight)
@@ -175,6 +194,8 @@ class SymmetricFactor:
         Raises:
             ValueError: when ``values`` does not have ``size`` entries.
         """
+        if not self.due:
+            return
         if values.numel() != self.size:
             raise ValueError(f"factor {self.name}: expected {self.size} diagonal values, got {values.numel()}")
         self._ensure_accum(values.device)

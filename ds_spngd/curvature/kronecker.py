@@ -191,13 +191,14 @@ class KroneckerBlock(FisherBlock):
         """
         m = int(x.shape[0])
         d_in, d_out = x.shape[-1], gy.shape[-1]
+        xc, gc = self.a.cast(x), self.g.cast(gy)  # the factors' product dtype (bf16 or fp32, ``factor_dtype``)
         if x.dim() == 2:  # one position per example (or flattened tokens): the per-example K-FAC, masked alike
-            live = (gy.detach().reshape(m, -1).abs().amax(dim=-1) > 0).to(torch.float32)
-            rows = x.float() * live.unsqueeze(-1)
+            live = (gc.detach().reshape(m, -1).abs().amax(dim=-1) > 0).to(torch.float32)
+            rows = xc * live.unsqueeze(-1).to(xc.dtype)
             self.a.add(_with_ones(rows, live) if self.has_bias else rows, 1.0, live.sum())
-            self.g.add(gy.reshape(m, -1).float() * scale, 1.0, terms)
+            self.g.add(gc.reshape(m, -1) * scale, 1.0, terms)
             return
-        x3, g3 = x.reshape(m, -1, d_in), gy.reshape(m, -1, d_out)
+        x3, g3 = xc.reshape(m, -1, d_in), gc.reshape(m, -1, d_out)
         mask = (g3.detach().abs().amax(dim=-1) > 0).to(torch.float32)  # m × T: positions that reach a loss term
         if self.ctx.kfac_approx == "reduce":
             per = mask.sum(1)
@@ -205,9 +206,9 @@ class KroneckerBlock(FisherBlock):
             self.a.add(_with_ones(abar, (per > 0).float()) if self.has_bias else abar, 1.0, (per > 0).float().sum())
             self.g.add(g3.float().sum(1) * scale, 1.0, terms)
             return
-        rows = (x3.float() * mask.unsqueeze(-1)).reshape(-1, d_in)
+        rows = (x3 * mask.unsqueeze(-1).to(x3.dtype)).reshape(-1, d_in)
         self.a.add(_with_ones(rows, mask) if self.has_bias else rows, 1.0, mask.sum())
-        self.g.add(g3.reshape(-1, d_out).float() * scale, 1.0, terms)  # masked rows are zero already
+        self.g.add(g3.reshape(-1, d_out) * scale, 1.0, terms)  # masked rows are zero already
 
     # ---- preconditioner ---------------------------------------------------------------------------------------
     def side_values(self) -> tuple[Tensor, Tensor]:
