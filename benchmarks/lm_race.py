@@ -14,7 +14,8 @@ weights, same batches) and step budget; unknown arguments go to every train_lm.p
 
 Printed (markdown) and written to ``<out>/race.json``: validation loss vs steps and vs training wall time for every
 config; the steps and time the later configs take to reach the FIRST config's final validation loss (the baseline,
-AdamW by default) and their ratios to the baseline's own steps/time to that loss; median step time and its ratio;
+AdamW by default) and their ratios to the baseline's own steps/time to that loss; median step time (a plain step)
+and mean step time (training wall time / steps: refresh steps amortized), each with its ratio;
 peak resident memory per rank (``ru_maxrss``).
 """
 
@@ -116,6 +117,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "steps_ratio": ratio(reach[0] if reach else None, base_reach[0] if base_reach else None),
             "time_ratio": ratio(reach[1] if reach else None, base_reach[1] if base_reach else None),
             "step_time_ratio": ratio(r["median_step_s"], base["median_step_s"]),
+            "mean_step_s": r["wall_time_s"] / max(1, r["steps"]),
+            "mean_step_time_ratio": ratio(r["wall_time_s"] / max(1, r["steps"]),
+                                          base["wall_time_s"] / max(1, base["steps"])),
             "peak_rss_mib": r["peak_rss_mib"], "evals": r["evals"],
         }  # fmt: skip
     keys = ("model", "tokenizer", "vocab", "context", "n_layer", "n_head", "n_embd", "parameters", "global_batch",
@@ -131,13 +135,15 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"setting: {json.dumps(summary['setting'])}", "",
              f"target: the baseline's ({summary['baseline']}) final validation loss {summary['target_val_loss']:.4f}",
              "", "| config | optimizer | steps | final val loss | steps to target | time to target (s) | steps ratio "
-             "| time ratio | median step (s) | step-time ratio | peak RSS per rank (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| time ratio | median step (s) | step-time ratio | mean step (s) | mean step ratio "
+             "| peak RSS per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         rss = " / ".join(f"{m:.0f}" for m in r["peak_rss_mib"])
         cells = [name, r["optimizer"], str(r["steps"]), f"{r['val_loss']:.4f}", fmt(r["steps_to_target"], "d"),
                  fmt(r["time_to_target_s"], ".1f"), fmt(r["steps_ratio"]), fmt(r["time_ratio"]),
-                 f"{r['median_step_s']:.3f}", fmt(r["step_time_ratio"]), rss]  # fmt: skip
+                 f"{r['median_step_s']:.3f}", fmt(r["step_time_ratio"]), f"{r['mean_step_s']:.3f}",
+                 fmt(r["mean_step_time_ratio"]), rss]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "validation loss vs steps (and training wall time, s):", "",
               "| step | " + " | ".join(f"{n} val | {n} time" for n in names) + " |",
