@@ -8,9 +8,14 @@ merged state is moved to each block's device by :meth:`ds_spngd.curvature.base.F
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SHARD_PATTERN", "check_block_names", "merge_shards"]
+from ds_spngd.comm.collectives import world_size
+
+if TYPE_CHECKING:
+    from ds_spngd.optimizer import SPNGD
+
+__all__ = ["SHARD_PATTERN", "check_block_names", "merge_shards", "spngd_state", "load_shards"]
 
 SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
 
@@ -56,3 +61,36 @@ def merge_shards(shards: Sequence[dict[str, Any]], names: Iterable[str]) -> tupl
                 elif key == "ready":
                     cur[key] = bool(cur.get(key)) or bool(val)
     return {k: v for k, v in shards[0].items() if k != "blocks"}, merged
+
+
+def spngd_state(opt: SPNGD) -> dict[str, Any]:
+    """SP-NGD's own state on this rank: counters, config, and every block's factors / preconditioner as held here
+    (factor values on their owner only; preconditioners on every rank with comm_opt, owners with mem_opt)."""
+    return {
+        "steps": opt.steps,
+        "skipped_steps": opt.skipped_steps,
+        "consecutive_skips": opt.consecutive_skips,
+        "config": opt.cfg.model_dump(),
+        "world_size": world_size(opt.group),
+        "rank": opt.rank,
+        "blocks": {b.name: b.state_dict() for b in opt.blocks},
+        "refresh": opt.refresh.state_dict(),
+    }
+
+
+def load_shards(opt: SPNGD, shards: list[dict[str, Any]]) -> None:
+    """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size; tensors are moved to each
+    block's device).
+
+    Raises:
+        ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
+    """
+    top, merged = merge_shards(shards, [b.name for b in opt.blocks])
+    for b in opt.blocks:
+        b.load_state_dict(merged[b.name])
+    opt.steps = int(top["steps"])
+    opt.skipped_steps = int(top.get("skipped_steps", 0))
+    opt.consecutive_skips = int(top.get("consecutive_skips", 0))
+    opt.refresh.load_state_dict(top.get("refresh"))
+    opt.plan_collection()
+

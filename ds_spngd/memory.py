@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ds_spngd.comm.assignment import assign_owners, block_cost
-from ds_spngd.comm.collectives import world_size
+from ds_spngd.comm.collectives import all_reduce_sum, backend, world_size
 
 if TYPE_CHECKING:
     from ds_spngd.optimizer import SPNGD
 
 __all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "memory_problem",
-           "block_bytes", "free_bytes", "plans_per_rank"]
+           "agree_on_memory", "block_bytes", "free_bytes", "plans_per_rank"]
 
 CATEGORIES = ("factors", "accumulators", "preconditioners", "comm_buffers", "momentum")
 
@@ -161,6 +161,24 @@ def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> No
     problem = memory_problem(opt, free, margin)
     if problem is not None:
         raise MemoryError(problem)
+
+
+def agree_on_memory(opt: SPNGD) -> None:
+    """Raise MemoryError on every rank together when the planned state does not fit some rank's free memory
+    (:func:`ds_spngd.memory.memory_problem`; free memory is local, so the answer is agreed by one all-reduce)."""
+    problem = memory_problem(opt)
+    if world_size(opt.group) > 1:
+        device = opt.device
+        if "nccl" in backend(opt.group) and device.type != "cuda":
+            return  # the model is not on its GPU yet (before deepspeed.initialize): attach() checks again
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        others = float(all_reduce_sum(flag, opt.group)) - (problem is not None)
+        if problem is None and others > 0:
+            problem = (f"SP-NGD's planned curvature state does not fit the free memory of {int(others)} other "
+                       "rank(s) (their error names the layers and the keys to turn)")
+    if problem is not None:
+        raise MemoryError(problem)
+
 
 
 def format_memory(per_rank: dict[str, int], title: str) -> str:

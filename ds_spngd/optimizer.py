@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ds_spngd import checkpoint
-from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems
+from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
 from ds_spngd.comm.assignment import Assignment
-from ds_spngd.comm.collectives import all_reduce_sum, backend, private_group, rank, world_size
+from ds_spngd.comm.collectives import backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
 from ds_spngd.comm.inversion import distributed_update, plan_owners, share_directions
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
@@ -46,7 +46,7 @@ from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
-from ds_spngd.memory import memory_plan, memory_problem, memory_usage
+from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
 from ds_spngd.staleness import RefreshSchedule
 from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
 
@@ -192,23 +192,7 @@ class SPNGD(torch.optim.Optimizer):
         if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
             self.grads = PartitionedGradients(self, self.blocks)
         if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
-            self._agree_on_memory()
-
-    def _agree_on_memory(self) -> None:
-        """Raise MemoryError on every rank together when the planned state does not fit some rank's free memory
-        (:func:`ds_spngd.memory.memory_problem`; free memory is local, so the answer is agreed by one all-reduce)."""
-        problem = memory_problem(self)
-        if world_size(self.group) > 1:
-            device = self.device
-            if "nccl" in backend(self.group) and device.type != "cuda":
-                return  # the model is not on its GPU yet (before deepspeed.initialize): attach() checks again
-            flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
-            others = float(all_reduce_sum(flag, self.group)) - (problem is not None)
-            if problem is None and others > 0:
-                problem = (f"SP-NGD's planned curvature state does not fit the free memory of {int(others)} other "
-                           "rank(s) (their error names the layers and the keys to turn)")
-        if problem is not None:
-            raise MemoryError(problem)
+            agree_on_memory(self)
 
     @property
     def rank(self) -> int:
@@ -242,16 +226,8 @@ class SPNGD(torch.optim.Optimizer):
         sums = agree([*parts, *changes, self.grads.nonfinite_flags(device)], self.group, device)
         n, m = len(factors), 3 * len(factors) if changes else 0
         had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
-        problems = [Problem(f.name, f"{int(k)} contribution(s) arrived after its bucket was sent (the layer ran more "
-                            "often this step than on the first refresh step); set overlap_comm=false for models "
-                            "whose layers run a varying number of times per step", numerical=False)
-                    for f, k in zip(factors, late, strict=True) if k]
-        hint = " — fp16 factor payloads overflow above 65504: use comm_dtype bf16" \
-            if self.reducer.dtype == torch.float16 else ""
-        problems += [Problem(f.name, "NaN/Inf in the reduced factor statistics (the layer's inputs or output gradients "
-                             f"overflowed on at least one rank){hint}") for f, k in zip(factors, bad, strict=True) if k]
-        problems += [Problem(name, f"gradient holds NaN/Inf (seen on {int(k)} rank(s))")
-                     for name, k in zip(self.grads.names, grads, strict=True) if k]
+        problems = input_problems([f.name for f in factors], late, bad, self.grads.names, grads,
+                                  self.reducer.dtype == torch.float16)
         if problems:
             raise StepFailure(problems)
         if refresh:
@@ -390,10 +366,10 @@ class SPNGD(torch.optim.Optimizer):
         self._stats = stats
         self.steps += 1
         self.consecutive_skips = 0
-        self._plan_collection()
+        self.plan_collection()
         return loss
 
-    def _plan_collection(self) -> None:
+    def plan_collection(self) -> None:
         """Decide which factors the next step refreshes (:mod:`ds_spngd.staleness`; every rank alike)."""
         self.ctx.collecting = self.refresh.plan(self.steps)
         if self.reducer is not None:
@@ -469,18 +445,8 @@ class SPNGD(torch.optim.Optimizer):
 
     # ---- state_dict contract (torch.optim) --------------------------------------------------------------------
     def spngd_state(self) -> dict[str, Any]:
-        """SP-NGD's own state on this rank: counters, config, and every block's factors / preconditioner as held here
-        (factor values on their owner only; preconditioners on every rank with comm_opt, owners with mem_opt)."""
-        return {
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
-            "config": self.cfg.model_dump(),
-            "world_size": world_size(self.group),
-            "rank": self.rank,
-            "blocks": {b.name: b.state_dict() for b in self.blocks},
-            "refresh": self.refresh.state_dict(),
-        }
+        """SP-NGD's own state on this rank (:func:`ds_spngd.checkpoint.spngd_state`)."""
+        return checkpoint.spngd_state(self)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -488,20 +454,12 @@ class SPNGD(torch.optim.Optimizer):
         return sd
 
     def load_sharded_state(self, shards: list[dict[str, Any]]) -> None:
-        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size; tensors are moved to each
-        block's device).
+        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (:func:`ds_spngd.checkpoint.load_shards`).
 
         Raises:
             ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
         """
-        top, merged = checkpoint.merge_shards(shards, [b.name for b in self.blocks])
-        for b in self.blocks:
-            b.load_state_dict(merged[b.name])
-        self.steps = int(top["steps"])
-        self.skipped_steps = int(top.get("skipped_steps", 0))
-        self.consecutive_skips = int(top.get("consecutive_skips", 0))
-        self.refresh.load_state_dict(top.get("refresh"))
-        self._plan_collection()
+        checkpoint.load_shards(self, shards)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's contract plus SP-NGD's blocks; the blocks are checked before anything is modified.

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ds_spngd.comm.collectives import all_reduce_sum
 
-__all__ = ["agree", "Problem", "StepFailure", "INVERSION_FAILURES", "describe_problems"]
+__all__ = ["agree", "Problem", "StepFailure", "INVERSION_FAILURES", "describe_problems", "input_problems"]
 
 #: failure codes an owner writes for a block whose preconditioner it could not build (index = code)
 INVERSION_FAILURES = (
@@ -84,3 +84,28 @@ class StepFailure(RuntimeError):
     def __init__(self, problems: Sequence[Problem]) -> None:
         super().__init__("; ".join(f"{p.subject}: {p.what}" for p in problems))
         self.problems = list(problems)
+
+
+def input_problems(factor_names: Sequence[str], late: Sequence[float], bad: Sequence[float],
+                   grad_names: Sequence[str], grads: Sequence[float], fp16_payload: bool) -> list[Problem]:
+    """The problems of a step's agreed input sums (identical on every rank, so every rank builds the same list).
+
+    Args:
+        factor_names: the factors reduced this step, in the vector's order.
+        late: per factor, contributions that arrived after its bucket was sent (summed over ranks).
+        bad: per factor, 1 when its reduced value is NaN/Inf (written by its owner).
+        grad_names: the gradient entries of the vector (parameters, or block fragments under ZeRO 1/2).
+        grads: per entry, the number of ranks that saw NaN/Inf.
+        fp16_payload: the factors travelled in fp16 (adds the overflow hint).
+    """
+    problems = [Problem(name, f"{int(k)} contribution(s) arrived after its bucket was sent (the layer ran more "
+                        "often this step than on the first refresh step); set overlap_comm=false for models "
+                        "whose layers run a varying number of times per step", numerical=False)
+                for name, k in zip(factor_names, late, strict=True) if k]
+    hint = " — fp16 factor payloads overflow above 65504: use comm_dtype bf16" if fp16_payload else ""
+    problems += [Problem(name, "NaN/Inf in the reduced factor statistics (the layer's inputs or output gradients "
+                         f"overflowed on at least one rank){hint}")
+                 for name, k in zip(factor_names, bad, strict=True) if k]
+    problems += [Problem(name, f"gradient holds NaN/Inf (seen on {int(k)} rank(s))")
+                 for name, k in zip(grad_names, grads, strict=True) if k]
+    return problems
