@@ -13,7 +13,8 @@ The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_
 runs ``gradient_accumulation_steps`` micro-batches of ``forward -> engine.backward -> engine.step``. Test top-1 is
 evaluated every ``--eval-interval`` optimizer steps (default: once per epoch) and at the end, sharded over ranks;
 evaluation time is excluded from the reported training wall time. Rank 0 writes ``steps.csv`` and ``result.json`` to
-``--out-dir`` and prints a result table.
+``--out-dir`` and prints a result table (with the final gradient noise scale ``noise_scale_B_simple`` when the
+config's ``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.noise_scale`).
 """
 
 from __future__ import annotations
@@ -301,6 +302,9 @@ def main(argv: list[str] | None = None) -> RunResult:
         time_to_target_s=reached[1] if reached else None, epochs_to_target=reached[2] if reached else None,
         evals=tuple(evals),
     )  # fmt: skip
+    noise = ds_spngd.noise_scale_stats(engine)  # empty unless "gradient_noise_scale" is enabled and measurable
+    if noise:
+        settings["noise_scale_B_simple"] = noise["B_simple"]
     if rank == 0:
         write_result(out_dir / "result.json", result, extra=settings)
         print(format_table(result, extra={k: str(v) for k, v in settings.items()}), flush=True)

@@ -8,7 +8,8 @@ Public API:
 
 from ds_spngd.config import SPNGDConfig, SPNGDConfigError
 from ds_spngd.integration import get_spngd, initialize
+from ds_spngd.noise_scale import noise_scale_stats
 from ds_spngd.optimizer import SPNGD
 
-__all__ = ["SPNGD", "SPNGDConfig", "SPNGDConfigError", "initialize", "get_spngd"]
+__all__ = ["SPNGD", "SPNGDConfig", "SPNGDConfigError", "initialize", "get_spngd", "noise_scale_stats"]
 __version__ = "0.1.0"

@@ -23,6 +23,9 @@ passed to deepspeed.initialize untouched. For SPNGD the wrapper
   DeepSpeed as overflow, so it counts them and holds the LR scheduler), per-rank SP-NGD checkpoint shards next to
   DeepSpeed's files, the start-up memory report, and per-step timings/bytes/memory written to DeepSpeed's monitor.
 
+For every optimizer type, a top-level ``"gradient_noise_scale": {"enabled": true, "ema": 0.95}`` section measures
+the gradient noise scale B_simple at each step (:mod:`ds_spngd.noise_scale`, ZeRO stage 0, two or more ranks).
+
 ``"type": "LARS"`` / ``"Lamb"`` select the layer-wise first-order baselines (:mod:`ds_spngd.first_order`): unless
 DeepSpeed's own FusedLamb runs them (Lamb on CUDA), the wrapper validates their params, builds the pytorch-optimizer
 class on the parameters and passes it to deepspeed.initialize as a client optimizer (ZeRO stage 0; fp32 or bf16).
@@ -50,6 +53,7 @@ from ds_spngd.config import SPNGDConfigError, parse_spngd_params
 from ds_spngd.first_order import initialize_first_order, is_first_order_config
 from ds_spngd.gradients import PartitionedGradients
 from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
+from ds_spngd.noise_scale import attach_noise_scale, parse_noise_scale
 from ds_spngd.optimizer import SPNGD
 
 __all__ = ["initialize", "load_ds_config", "is_spngd_config", "get_spngd"]
@@ -163,11 +167,16 @@ def initialize(
     if source is None:
         return deepspeed.initialize(**passthrough)
     ds_config = load_ds_config(source)
+    noise_cfg = parse_noise_scale(ds_config)  # top-level "gradient_noise_scale" (DeepSpeed ignores the key)
     if is_first_order_config(ds_config):  # LARS / Lamb: ds_spngd.first_order
         ds_args = _without_config_path(args) if args_config is not None else args
-        return initialize_first_order(ds_config, {**passthrough, "args": ds_args, "config_params": None})
+        built = initialize_first_order(ds_config, {**passthrough, "args": ds_args, "config_params": None})
+        attach_noise_scale(built[0], noise_cfg)
+        return built
     if not is_spngd_config(ds_config):
-        return deepspeed.initialize(**passthrough)
+        built = deepspeed.initialize(**passthrough)
+        attach_noise_scale(built[0], noise_cfg)
+        return built
     if optimizer is not None:
         raise ValueError("the config selects optimizer type SPNGD, but an optimizer object was passed as well")
     if model is None:
@@ -204,6 +213,7 @@ def initialize(
     finally:
         spngd.suspended = False
     attach(engine, spngd, fp16=_fp16(ds_config))
+    attach_noise_scale(engine, noise_cfg)
     log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
     log_dist(memory_report(spngd), ranks=[0])
     return engine, ds_opt, loader, scheduler
