@@ -20,7 +20,6 @@ config's ``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.noise_sca
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -42,7 +41,16 @@ from ds_spngd.data.image_folder import BatchSource, discover, load_image_folder
 from ds_spngd.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
 from ds_spngd.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
 from ds_spngd.models import MODEL_NAMES, build_model
-from ds_spngd.run_log import RunResult, StepLog, agreed_step_loss, format_table, write_result
+from ds_spngd.run_log import (
+    RunResult,
+    StepLog,
+    agreed_step_loss,
+    finish_ranks,
+    format_table,
+    read_ds_config,
+    start_ranks,
+    write_result,
+)
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 EVAL_BATCH = 1000
@@ -205,15 +213,8 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> RunResult:
     args = parse_args(argv)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if not torch.cuda.is_available():  # DeepSpeed gives every CPU rank all cores: avoid oversubscription
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-    config_path = Path(args.deepspeed_config)
-    raw = json.loads(config_path.read_text(encoding="utf-8"))
-    args.deepspeed_config = None  # the dict below is the config; DeepSpeed refuses both
+    rank, world = start_ranks()
+    config_path, raw = read_ds_config(args)
     global_batch = args.global_batch or batch_layout(raw, world)[0]
     n_train, make_sources, num_classes, in_channels, image_size = open_data(args)
     spe = steps_per_epoch(n_train, global_batch)
@@ -313,8 +314,4 @@ def main(argv: list[str] | None = None) -> RunResult:
 
 if __name__ == "__main__":
     main()
-    # tear the process group down explicitly: left to interpreter exit, gloo ranks sometimes abort
-    # ("terminate called without an active exception") after all work is done, failing the launcher
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_ranks()

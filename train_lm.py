@@ -44,7 +44,7 @@ import ds_spngd
 from ds_spngd.data.sampler import BatchPlan
 from ds_spngd.data.text import EvalWindows, TextData, TokenWindows, load_text_data
 from ds_spngd.models.gpt import LM_NAMES, build_lm, lm_logits, param_groups
-from ds_spngd.run_log import StepLog, agreed_step_loss
+from ds_spngd.run_log import StepLog, agreed_step_loss, finish_ranks, read_ds_config, render_table, start_ranks
 from ds_spngd.schedules.scaling import batch_layout, resolve_config
 
 STEP_KEYS = ("total_num_steps", "total_iters")
@@ -202,22 +202,13 @@ def format_lm_table(result: LMResult, extra: dict[str, Any]) -> str:
         (f"to val loss {result.target_loss}" if result.target_loss is not None else "target", target),
         ("peak RSS per rank", ", ".join(f"{m:.0f} MiB" for m in result.peak_rss_mib)),
     ]  # fmt: skip
-    kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
-    rule = "+" + "-" * (kw + 2) + "+" + "-" * (vw + 2) + "+"
-    return "\n".join([rule, *(f"| {k.ljust(kw)} | {v.ljust(vw)} |" for k, v in rows), rule])
+    return render_table(rows)
 
 
 def main(argv: list[str] | None = None) -> LMResult:
     args = parse_args(argv)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if not torch.cuda.is_available():  # DeepSpeed gives every CPU rank all cores: avoid oversubscription
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-    config_path = Path(args.deepspeed_config)
-    raw = json.loads(config_path.read_text(encoding="utf-8"))
-    args.deepspeed_config = None  # the dict below is the config; DeepSpeed refuses both
+    rank, world = start_ranks()
+    config_path, raw = read_ds_config(args)
     data = load_data(args, rank, world)
     layout_only = {k: v for k, v in raw.items() if k != "scheduler"}  # batch sizes do not depend on the schedule
     global_batch, micro, gas = batch_layout(resolve_config(layout_only, args.global_batch, 1, 1.0, world), world)
@@ -320,8 +311,4 @@ def main(argv: list[str] | None = None) -> LMResult:
 
 if __name__ == "__main__":
     main()
-    # tear the process group down explicitly: left to interpreter exit, gloo ranks sometimes abort
-    # ("terminate called without an active exception") after all work is done, failing the launcher
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_ranks()

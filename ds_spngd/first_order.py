@@ -31,7 +31,7 @@ import deepspeed
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from ds_spngd.config import SPNGDConfigError
+from ds_spngd.config import SPNGDConfigError, fp16_enabled, zero_stage
 
 logger = logging.getLogger("ds_spngd")
 
@@ -235,16 +235,6 @@ def build_first_order(name: str, params: _Params, model_parameters: Iterable[Any
     return optimizer
 
 
-def _zero_stage(ds_config: dict[str, Any]) -> int:
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-
-
-def _fp16(ds_config: dict[str, Any]) -> bool:
-    fp16 = ds_config.get("fp16") or {}
-    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
-
-
 def initialize_first_order(ds_config: dict[str, Any], ds_kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """``deepspeed.initialize`` for a LARS / Lamb config (called by ``ds_spngd.initialize``).
 
@@ -275,13 +265,13 @@ def initialize_first_order(ds_config: dict[str, Any], ds_kwargs: dict[str, Any])
     if ds_kwargs.get("optimizer") is not None:
         raise ValueError(f"the config selects optimizer type {name}, but an optimizer object was passed as well")
     kind, hyper = parse_first_order(ds_config)
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     if stage != 0:
         raise OptimizerConfigError(
             f"zero_optimization.stage={stage} is not supported with {name} from pytorch-optimizer: its per-layer "
             "trust ratios need whole parameters, but under ZeRO the optimizer sees flat partitions. Use stage 0."
         )
-    if _fp16(ds_config):
+    if fp16_enabled(ds_config):
         raise OptimizerConfigError(
             f"fp16.enabled=true is not supported with {name} from pytorch-optimizer (ZeRO stage 0: DeepSpeed 0.19.8's "
             "fp16 wrapper divides the update by the loss scale without scaling the loss); use bf16 or fp32."

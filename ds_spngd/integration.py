@@ -49,7 +49,7 @@ from deepspeed.utils import lazy_init_hp_params_optimizer_state, log_dist
 
 from ds_spngd.checkpoint import SHARD_PATTERN
 from ds_spngd.comm.collectives import rank
-from ds_spngd.config import SPNGDConfigError, parse_spngd_params
+from ds_spngd.config import SPNGDConfigError, fp16_enabled, parse_spngd_params, zero_stage
 from ds_spngd.first_order import initialize_first_order, is_first_order_config
 from ds_spngd.gradients import PartitionedGradients
 from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
@@ -89,24 +89,14 @@ def is_spngd_config(ds_config: dict[str, Any]) -> bool:
     return isinstance(section, dict) and str(section.get("type", "")).lower() == "spngd"
 
 
-def _zero_stage(ds_config: dict[str, Any]) -> int:
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-
-
-def _fp16(ds_config: dict[str, Any]) -> bool:
-    fp16 = ds_config.get("fp16") or {}
-    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
-
-
 def _check_supported(ds_config: dict[str, Any]) -> None:
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     if stage not in (0, 1, 2):
         raise SPNGDConfigError(
             f"zero_optimization.stage={stage} is not supported by SP-NGD: stage 3 partitions the parameters "
             "themselves, so no rank holds a layer's weight to precondition. Use stage 1 or 2 (or 0)."
         )
-    if _fp16(ds_config) and stage == 0:
+    if fp16_enabled(ds_config) and stage == 0:
         raise SPNGDConfigError(
             "fp16.enabled=true with ZeRO stage 0 is not supported: DeepSpeed 0.19.8's stage-0 fp16 wrapper divides "
             "the update by the loss scale without scaling the loss, which under-steps SP-NGD. Use fp16 with ZeRO "
@@ -197,7 +187,7 @@ def initialize(
         logger.warning("SP-NGD: gradient_clipping=%s clips the raw gradient before preconditioning; kl_clip is the "
                        "natural-gradient analogue", ds_config["gradient_clipping"])
     del ds_config["optimizer"]
-    if _zero_stage(ds_config) in (1, 2):
+    if zero_stage(ds_config) in (1, 2):
         ds_config.setdefault("zero_allow_untested_optimizer", True)
 
     params = list(model.parameters() if model_parameters is None else model_parameters)
@@ -212,7 +202,7 @@ def initialize(
         )
     finally:
         spngd.suspended = False
-    attach(engine, spngd, fp16=_fp16(ds_config))
+    attach(engine, spngd, fp16=fp16_enabled(ds_config))
     attach_noise_scale(engine, noise_cfg)
     log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
     log_dist(memory_report(spngd), ranks=[0])

@@ -1,18 +1,54 @@
-"""Run logging for the reference training script: a per-step CSV and the final result table / JSON (rank 0 only)."""
+"""Run logging for the reference training scripts (train.py, train_lm.py): start-up and teardown of the ranks, a
+per-step CSV and the final result table / JSON (rank 0 only)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 STEP_COLUMNS = ("step", "samples", "loss", "lr", "wall_time_s")
+
+
+def start_ranks() -> tuple[int, int]:
+    """Join DeepSpeed's process group and return (rank, world size). On CPU every rank gets its share of the cores
+    (DeepSpeed's launcher gives each CPU rank all of them, which oversubscribes the machine)."""
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return rank, world
+
+
+def read_ds_config(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """(path, parsed JSON) of ``args.deepspeed_config``; clears it on ``args``, because the scripts pass the resolved
+    dict to DeepSpeed, which refuses a path and a dict together.
+
+    Raises:
+        OSError, json.JSONDecodeError: the file cannot be read or is not JSON.
+    """
+    path = Path(args.deepspeed_config)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    args.deepspeed_config = None
+    return path, raw
+
+
+def finish_ranks() -> None:
+    """Tear the process group down explicitly: left to interpreter exit, gloo ranks sometimes abort ("terminate
+    called without an active exception") after all work is done, failing the launcher."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class StepLog:
@@ -121,6 +157,11 @@ def format_table(result: RunResult, extra: dict[str, str] | None = None) -> str:
         ("test top-1", f"{100 * result.test_top1:.2f}%"),
         _fmt_target(result),
     ]
+    return render_table(rows)
+
+
+def render_table(rows: list[tuple[str, str]]) -> str:
+    """``rows`` as an aligned two-column text table between ``+---+`` rules."""
     width = max(len(k) for k, _ in rows)
     vwidth = max(len(v) for _, v in rows)
     rule = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
