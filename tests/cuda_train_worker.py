@@ -20,13 +20,12 @@ train.py raises, so a crash cannot hide what was seen.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from harness import ROOT, snapshot, state_devices, state_differences, teardown, write_json
+from harness import load_script, snapshot, state_devices, state_differences, teardown, write_json
 
 import ds_spngd
 
@@ -37,10 +36,7 @@ def main() -> None:
     if len(sys.argv) < 4 or sys.argv[3] != "--":
         raise SystemExit(__doc__)
     result_path, overflow_step, train_args = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
-    spec = importlib.util.spec_from_file_location("ds_spngd_train_script", ROOT / "train.py")
-    assert spec is not None and spec.loader is not None
-    train = importlib.util.module_from_spec(spec)  # the repository's reference script, loaded unchanged
-    spec.loader.exec_module(train)
+    train = load_script()  # the repository's reference script, loaded unchanged
 
     record: dict[str, Any] = {"steps_run": 0, "spngd_steps": None, "skipped_steps": None, "injected": None,
                               "devices": None}

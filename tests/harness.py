@@ -9,6 +9,9 @@ Two halves:
   :func:`strict_fp32`): read SP-NGD's state through its public attributes, compare two snapshots exactly and list
   where its tensors live.
 
+Also the in-process helpers of the single-process tests: :func:`load_script` (a repository script such as train.py
+as a module), :func:`spngd_one_step` and :func:`block_named`.
+
 Workers import this module by name: ``python tests/cuda_x_worker.py`` puts ``tests/`` first on ``sys.path``.
 """
 
@@ -16,17 +19,21 @@ from __future__ import annotations
 
 import copy
 import glob
+import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -271,3 +278,39 @@ def state_devices(spngd: Any) -> dict[str, list[str]]:
             if isinstance(v, torch.Tensor):
                 out["momentum"].append(f"state[{i}][{key}]: {v.device.type}")
     return out
+
+
+# ---- in-process helpers -------------------------------------------------------------------------------------------
+def load_script(filename: str = "train.py", module_name: str = "ds_spngd_train_script") -> ModuleType:
+    """The repository's script ``filename`` loaded unchanged as a module (its ``main`` is not run)."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / filename)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def spngd_one_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], damping: float,
+                   seed: int | None = None, **cfg: object) -> tuple[Any, dict[str, torch.Tensor],
+                                                                   dict[str, torch.Tensor]]:
+    """One single-process SP-NGD step with lr 1, momentum 0 and factor_decay 0 (``cfg`` overrides any key) on the
+    loss ``loss_fn(model)``: (optimizer, parameters before, parameters after). ``seed`` seeds torch right before the
+    forward pass (the MC Fisher draws its labels right after it)."""
+    from ds_spngd import SPNGD
+
+    opt = SPNGD(model.parameters(), model=model, config={"lr": 1.0, "momentum": 0.0, "damping": damping,
+                                                         "factor_decay": 0.0, **cfg})
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    model.train()
+    opt.zero_grad()
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss_fn(model).backward()
+    opt.step()
+    after = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return opt, before, after
+
+
+def block_named(opt: Any, name: str) -> Any:
+    """The Fisher block of ``opt`` named ``name`` (StopIteration when there is none)."""
+    return next(b for b in opt.blocks if b.name == name)

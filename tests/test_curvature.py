@@ -14,6 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import block_named as block
+from harness import spngd_one_step
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -90,20 +92,7 @@ def kron_solve(g_fac: torch.Tensor, a_fac: torch.Tensor, grad_vec: torch.Tensor,
 
 def run_one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg: object) -> tuple[SPNGD, dict, dict]:
     """One SP-NGD step with lr=1, no momentum: returns (optimizer, params before, params after)."""
-    opt = SPNGD(model.parameters(), model=model, config={"lr": 1.0, "momentum": 0.0, "damping": DAMPING,
-                                                         "factor_decay": 0.0, **cfg})
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    model.train()
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    after = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return opt, before, after
-
-
-def block(opt: SPNGD, name: str):  # noqa: ANN201 - test helper
-    return next(b for b in opt.blocks if b.name == name)
+    return spngd_one_step(model, lambda m: F.cross_entropy(m(x), y), DAMPING, **cfg)
 
 
 def layer_delta(before: dict, after: dict, layer: str) -> torch.Tensor:

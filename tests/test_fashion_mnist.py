@@ -4,14 +4,13 @@ files of the Debian package ``dataset-fashion-mnist`` (skipped where it is not i
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import struct
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from harness import load_script
 
 from ds_spngd.data import fashion_mnist as fm
 from ds_spngd.data.idx import read_idx, write_idx
@@ -169,16 +168,8 @@ def test_missing_data_says_how_to_install(tmp_path: Path, monkeypatch: pytest.Mo
         fm.find_fashion_mnist_dir()
 
 
-def _train_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ds_spngd_train_script_fm", ROOT / "train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_py_dataset_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    train = _train_module()
+    train = load_script(module_name="ds_spngd_train_script_fm")
     args = train.parse_args(["--deepspeed_config", "x.json", "--dataset", "fashion-mnist"])
     assert train.dataset_name(args) == "fashion-mnist"
     assert train.dataset_name(train.parse_args(["--deepspeed_config", "x.json"])) == "mnist"

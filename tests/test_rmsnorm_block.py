@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import spngd_one_step
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -72,16 +73,8 @@ def unit_reference(pe: dict[str, torch.Tensor], reduction: str) -> tuple[torch.T
 def run_one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str,
                  **cfg: object) -> tuple[SPNGD, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One SP-NGD step with lr=1, no momentum, single process: (optimizer, params before, params after)."""
-    opt = SPNGD(model.parameters(), model=model, config={"lr": 1.0, "momentum": 0.0, "damping": DAMPING,
-                                                         "factor_decay": 0.0, "loss_reduction": reduction, **cfg})
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    model.train()
-    loss = F.cross_entropy(model(x), y, reduction=reduction)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    after = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return opt, before, after
+    return spngd_one_step(model, lambda m: F.cross_entropy(m(x), y, reduction=reduction), DAMPING,
+                          loss_reduction=reduction, **cfg)
 
 
 def mc_labels(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import block_named as block
+from harness import spngd_one_step
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
@@ -204,22 +206,7 @@ def wb(grads: dict[str, Tensor], layer: str) -> Tensor:
 def run_one_step(model: nn.Module, x: Tensor, y: Tensor, seed: int | None = None,
                  **cfg: object) -> tuple[SPNGD, dict[str, Tensor], dict[str, Tensor]]:
     """One SP-NGD step with lr 1, momentum 0, factor_decay 0 on the mean LM loss: (optimizer, before, after)."""
-    opt = SPNGD(model.parameters(), model=model, config={"lr": 1.0, "momentum": 0.0, "damping": DAMPING,
-                                                         "factor_decay": 0.0, **cfg})
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    model.train()
-    if seed is not None:
-        torch.manual_seed(seed)  # the MC hook draws its labels right after the forward pass
-    loss = lm_loss(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    after = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return opt, before, after
-
-
-def block(opt: SPNGD, name: str):  # noqa: ANN201 - test helper
-    return next(b for b in opt.blocks if b.name == name)
+    return spngd_one_step(model, lambda m: lm_loss(m(x), y), DAMPING, seed=seed, **cfg)
 
 
 def delta(before: dict[str, Tensor], after: dict[str, Tensor], name: str) -> Tensor:

@@ -22,6 +22,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import block_named as block
+from harness import spngd_one_step
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
@@ -90,19 +92,7 @@ def live_through_mixing(y: Tensor) -> Tensor:
 
 def run_one_step(model: nn.Module, loss_fn, **cfg: object):  # noqa: ANN001, ANN201 - test helper
     """One SP-NGD step (lr 1, momentum 0, factor_decay 0 unless overridden): (optimizer, before, after)."""
-    opt = SPNGD(model.parameters(), model=model, config={"lr": 1.0, "momentum": 0.0, "damping": DAMPING,
-                                                         "factor_decay": 0.0, **cfg})
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    model.train()
-    opt.zero_grad()
-    loss_fn(model).backward()
-    opt.step()
-    after = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return opt, before, after
-
-
-def block(opt: SPNGD, name: str):  # noqa: ANN201 - test helper
-    return next(b for b in opt.blocks if b.name == name)
+    return spngd_one_step(model, loss_fn, DAMPING, **cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

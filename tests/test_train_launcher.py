@@ -6,7 +6,6 @@ Run with ``pytest -m launcher``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,9 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from harness import remove_shm_buffers, run_procs
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, load_script, remove_shm_buffers, run_procs
 
 
 def _deepspeed() -> str:
@@ -90,14 +87,6 @@ def test_engine_timings_reach_deepspeeds_monitor(tmp_path: Path) -> None:
     assert "SP-NGD preconditions" in log and "SP-NGD memory per rank, max over ranks" in log  # start-up reports
 
 
-def _load_train_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ds_spngd_train_script", ROOT / "train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _poison_second_loss(train: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make train.py's second loss NaN (as a diverging step would)."""
     real = torch.nn.functional.cross_entropy
@@ -115,7 +104,7 @@ def _poison_second_loss(train: ModuleType, monkeypatch: pytest.MonkeyPatch) -> N
 def test_non_finite_loss_stops_before_the_update(
     single_rank_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    train = _load_train_module()
+    train = load_script()
     _poison_second_loss(train, monkeypatch)
     out = tmp_path / "nan"
     argv = ["--deepspeed_config", str(ROOT / "ds_configs" / "sgd.json"), "--model", "mlp", "--global-batch", "64",
@@ -132,7 +121,7 @@ def test_non_finite_loss_is_skipped_with_nonfinite_skip(
 ) -> None:
     """With SP-NGD's "nonfinite": "skip", train.py leaves a NaN step to the optimizer, which skips it (DeepSpeed
     counts it, holds the LR scheduler) and training goes on to a finite result."""
-    train = _load_train_module()
+    train = load_script()
     _poison_second_loss(train, monkeypatch)
     cfg = json.loads((ROOT / "ds_configs" / "spngd.json").read_text())
     cfg["optimizer"]["params"].update(nonfinite="skip", factor_update_steps=1, inv_update_steps=1)
@@ -148,7 +137,7 @@ def test_non_finite_loss_is_skipped_with_nonfinite_skip(
 
 
 def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
-    train = _load_train_module()
+    train = load_script()
     from ds_spngd.models import SmallCNN
 
     torch.manual_seed(0)
@@ -170,7 +159,7 @@ def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
 
 
 def test_check_buffer_dtypes_names_the_fix() -> None:
-    train = _load_train_module()
+    train = load_script()
     from ds_spngd.models import SmallCNN
 
     model = SmallCNN()
