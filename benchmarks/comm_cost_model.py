@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+# shapes only (meta device): DeepSpeed's CPU accelerator, without its "no GPU found" warning on stdout
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from ds_spngd import SPNGD
-from ds_spngd.cost_model import MODES, CostSettings, mode_costs
-from ds_spngd.models import build_model
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ds_spngd import SPNGD  # noqa: E402
+from ds_spngd.cost_model import MODES, CostSettings, mode_costs  # noqa: E402
+from ds_spngd.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"resnet50": ROOT / "ds_configs" / "spngd.json", "gpt2": ROOT / "ds_configs" / "spngd_gpt.json"}
