@@ -13,8 +13,12 @@ The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_
 runs ``gradient_accumulation_steps`` micro-batches of ``forward -> engine.backward -> engine.step``. Test top-1 is
 evaluated every ``--eval-interval`` optimizer steps (default: once per epoch) and at the end, sharded over ranks;
 evaluation time is excluded from the reported training wall time. Rank 0 writes ``steps.csv`` and ``result.json`` to
-``--out-dir`` and prints a result table (with the final gradient noise scale ``noise_scale_B_simple`` when the
-config's ``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.noise_scale`).
+``--out-dir`` and prints a result table (with the final gradient noise scale ``noise_scale_B_simple``, and
+``noise_scale_B_simple_at_target`` at the evaluation that first reached ``--target-acc``, when the config's
+``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.noise_scale`). With DeepSpeed's ``wandb`` monitor
+section, rank 0 also writes the run settings and resolved JSON to the W&B run's config, logs ``Train/loss``,
+``Train/lr`` and ``Train/step`` every step, and finishes the W&B run (DeepSpeed never does) with the result as its
+summary.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from ds_spngd.models import MODEL_NAMES, build_model
 from ds_spngd.run_log import (
     RunResult,
     StepLog,
+    active_wandb_run,
     agreed_step_loss,
     finish_ranks,
+    finish_wandb,
     format_table,
     read_ds_config,
     start_ranks,
@@ -247,6 +253,11 @@ def main(argv: list[str] | None = None) -> RunResult:
                 "global_batch": global_batch, "micro_batch": micro, "gradient_accumulation_steps": gas,
                 "steps_per_epoch": spe, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
                 "bn_recalib_batches": args.bn_recalib_batches}  # fmt: skip
+    wandb_run = active_wandb_run() if rank == 0 else None  # opened by the JSON's "wandb" monitor section
+    if wandb_run is not None:
+        wandb_run.config.update({**settings, "epochs": args.epochs, "target_acc": args.target_acc,
+                                 "eval_interval": eval_interval, "total_steps": total_steps, "ds_config": config},
+                                allow_val_change=True)  # fmt: skip
 
     log = StepLog(out_dir / "steps.csv", enabled=rank == 0)
     desc = f"{optimizer_type} {args.model}"
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
     train_time, loss_value, acc = 0.0, float("nan"), float("nan")
     reached: tuple[int, float, float] | None = None
+    noise_at_target: float | None = None  # B_simple when the target was first reached (the final one can be ~0/0)
     evals: list[tuple[int, float, float]] = []
     recent: deque[torch.Tensor] = deque(maxlen=args.bn_recalib_batches)
     batches = train_src.epoch(0)
@@ -281,7 +293,9 @@ def main(argv: list[str] | None = None) -> RunResult:
         train_time += time.perf_counter() - t0
         log.write(step, step * global_batch, loss_value, lr, train_time)
         if monitor is not None:
-            monitor.write_events([("Train/loss", loss_value, engine.global_samples)])
+            samples = engine.global_samples
+            monitor.write_events([("Train/loss", loss_value, samples), ("Train/lr", lr, samples),
+                                  ("Train/step", step, samples)])
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.4f}", refresh=False)
 
@@ -292,6 +306,7 @@ def main(argv: list[str] | None = None) -> RunResult:
                 monitor.write_events([("Test/top1", acc, engine.global_samples)])
             if args.target_acc is not None and reached is None and acc >= args.target_acc:
                 reached = (step, train_time, step / spe)
+                noise_at_target = ds_spngd.noise_scale_stats(engine).get("B_simple")
                 if args.stop_at_target:
                     break
     bar.close()
@@ -306,9 +321,13 @@ def main(argv: list[str] | None = None) -> RunResult:
     noise = ds_spngd.noise_scale_stats(engine)  # empty unless "gradient_noise_scale" is enabled and measurable
     if noise:
         settings["noise_scale_B_simple"] = noise["B_simple"]
+    if noise_at_target is not None:
+        settings["noise_scale_B_simple_at_target"] = noise_at_target
     if rank == 0:
         write_result(out_dir / "result.json", result, extra=settings)
         print(format_table(result, extra={k: str(v) for k, v in settings.items()}), flush=True)
+        summary = {k: v for k, v in result.to_json_dict().items() if k != "evals"}
+        finish_wandb({**summary, **{k: v for k, v in settings.items() if k.startswith("noise_scale_")}})
     return result
 
 

@@ -22,7 +22,6 @@ peak resident memory per rank (``ru_maxrss``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ds_spngd.run_log import remove_shm_buffers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,15 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def remove_shm_buffers(port: int) -> None:
-    """Delete DeepSpeed's CPU comm buffers of master port ``port`` (69 MB per rank, left behind by every run)."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def run_config(config: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ds_spngd.run_log import remove_shm_buffers
+
 
 def run(config: str, batch: int, args: argparse.Namespace, port: int) -> dict:
     out = Path(args.out) / f"{config}_b{batch}"
@@ -33,7 +35,10 @@ def run(config: str, batch: int, args: argparse.Namespace, port: int) -> dict:
     if args.bn_recalib_batches:
         cmd += ["--bn-recalib-batches", str(args.bn_recalib_batches)]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:  # DeepSpeed's CPU comm op leaves 69 MB per rank in /dev/shm for this port
+        remove_shm_buffers(port)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} at batch {batch} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())

