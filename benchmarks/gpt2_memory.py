@@ -8,7 +8,10 @@ Usage::
 
 Prints one markdown row per (precondition_mode, large_dim_method, world): the busiest rank's total and its
 categories in GiB, and the largest factor side held densely (no dense 50257² matrix is ever planned). The
-"curvature" column is the total without momentum (which any momentum optimizer holds).
+"curvature" column is the total without momentum (which any momentum optimizer holds). The last two columns are the
+busiest rank's inversion work per inversion step (Σ B·d³ of the factors it inverts, in units of 10⁹) with one owner
+per block part (a diagonal block of a blocked side is a part of its own) and, side by side from the same shapes,
+with one owner per whole layer (the LPT rule over layers).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ds_spngd import SPNGD
+from ds_spngd.comm.assignment import assign_owners, block_cost
+from ds_spngd.comm.inversion import plan_parts
 from ds_spngd.memory import CATEGORIES, memory_plan
 
 
@@ -37,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     model = build(args.layers)
     gib = 2.0**30
     print("| mode | large_dim_method | ranks | curvature GiB (busiest rank) | " + " | ".join(CATEGORIES)
-          + " | largest dense side |")
-    print("|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|")
+          + " | largest dense side | inversion work, busiest rank: per part / per layer (1e9 B·d³) |")
+    print("|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|")
     for mode in ("comm_opt", "mem_opt"):
         for method in ("block", "diagonal"):
             opt = SPNGD(model.parameters(), model=model, config={
@@ -49,8 +54,11 @@ def main(argv: list[str] | None = None) -> None:
                 plans = [memory_plan(opt, r, world=world) for r in range(world)]
                 worst = max(plans, key=lambda q: q["total"] - q["momentum"])
                 cats = " | ".join(f"{worst[k] / gib:.3f}" for k in CATEGORIES)
+                per_part = max(plan_parts(opt.blocks, world).assignment.loads) / 1e9
+                per_layer = max(assign_owners([block_cost([(f.blocks, f.dim) for f in b.factors]) for b in opt.blocks],
+                                              world).loads) / 1e9
                 print(f"| {mode} | {method} | {world} | {(worst['total'] - worst['momentum']) / gib:.3f} | {cats} "
-                      f"| {largest} |")
+                      f"| {largest} | {per_part:.1f} / {per_layer:.1f} |")
             opt.remove_hooks()
 
 

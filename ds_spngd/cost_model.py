@@ -125,18 +125,21 @@ def part_inversion_flops(block: FisherBlock, k: int, method: str = "inverse") ->
     Raises:
         ValueError: an unknown method.
     """
-    shape = block.part_shapes(k, method)[0]
-    b = int(shape[-1])
-    count = int(shape[0]) if len(shape) == 3 else 1
+    if method not in ("inverse", "eigen"):
+        raise ValueError(f"unknown inverse_method {method!r}")
+    shapes = block.part_shapes(k, method)
     if isinstance(block, UnitWiseBlock):
-        return count * CLOSED_FORM_FLOPS.get(b, float(b) ** 3)
-    if b == 1:
-        return count * DIAGONAL_FLOPS
-    if method == "inverse":
-        return INVERSE_FLOPS_PER_D3 * count * b**3
-    if method == "eigen":
-        return EIGEN_FLOPS_PER_D3 * count * b**3
-    raise ValueError(f"unknown inverse_method {method!r}")
+        shape = shapes[0]
+        return (int(shape[0]) if len(shape) == 3 else 1) * CLOSED_FORM_FLOPS.get(int(shape[-1]), float(shape[-1]) ** 3)
+    total = 0.0
+    for shape in shapes[:: 1 if method == "inverse" else 2]:  # one matrix per piece (eigen: then its eigenvalues)
+        b = int(shape[-1])
+        count = int(shape[0]) if len(shape) == 3 else 1
+        if b == 1:
+            total += count * DIAGONAL_FLOPS
+        else:
+            total += (INVERSE_FLOPS_PER_D3 if method == "inverse" else EIGEN_FLOPS_PER_D3) * count * b**3
+    return total
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ds_spngd.comm.assignment import assign_owners, block_cost
 from ds_spngd.comm.collectives import all_reduce_sum, backend, world_size
+from ds_spngd.comm.inversion import plan_parts
 
 if TYPE_CHECKING:
     from ds_spngd.optimizer import SPNGD
@@ -70,13 +70,13 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
     Assumes every block's hooks fire (accumulators for every factor) and every parameter gets a gradient.
     """
     assert opt.reducer is not None and opt._owners is not None
-    if world is None:
-        world, owners = world_size(opt.group), opt._owners.owners
-    else:
-        owners = assign_owners([block_cost([(f.blocks, f.dim) for f in b.factors]) for b in opt.blocks],
-                               world).owners
+    plan = opt._owners if world is None else plan_parts(opt.blocks, world)
+    world = len(plan.assignment.loads)
     me = (opt.rank if rank is None else rank) % world
-    owned = [b for i, b in enumerate(opt.blocks) if world == 1 or owners[i] == me]
+    mine = {f.name for j, (i, k) in enumerate(plan.jobs) if world == 1 or plan.owners[j] == me
+            for f in opt.blocks[i].parts()[k]}
+    owned_factors = [f for b in opt.blocks for f in b.factors if f.name in mine]
+    owned = [b for i, b in enumerate(opt.blocks) if world == 1 or plan.block_owners[i] == me]
     mem_opt = opt.cfg.precondition_mode == "mem_opt" and world > 1
     held = owned if mem_opt else list(opt.blocks)
     method = opt.cfg.inverse_method
@@ -85,10 +85,10 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
     directions = 4 * sum(p.numel() for b in opt.blocks for p in b.params) if mem_opt else 0
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     return _total({
-        "factors": sum(f.nbytes for b in owned for f in b.factors),
+        "factors": sum(f.nbytes for f in owned_factors),
         "accumulators": sum(f.nbytes for b in opt.blocks for f in b.factors),
         "preconditioners": sum(4 * int(torch.Size(s).numel()) for b in held for s in b.preconditioner_shapes(method)),
-        "comm_buffers": payload + sum(f.nbytes for b in owned for f in b.factors) + directions,
+        "comm_buffers": payload + sum(f.nbytes for f in owned_factors) + directions,
         "momentum": momentum,
     })
 

@@ -37,10 +37,9 @@ from torch import Tensor, nn
 
 from ds_spngd import checkpoint
 from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
-from ds_spngd.comm.assignment import Assignment
 from ds_spngd.comm.collectives import backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
-from ds_spngd.comm.inversion import distributed_update, plan_owners, share_directions
+from ds_spngd.comm.inversion import OwnerPlan, distributed_update, plan_owners, share_directions
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
@@ -110,7 +109,7 @@ class SPNGD(torch.optim.Optimizer):
         self.refresh = RefreshSchedule(self.blocks, cfg.factor_update_steps, cfg.stale_statistics, cfg.stale_tolerance,
                                        cfg.stale_max_interval, cfg.factor_decay)  # which factors refresh when
         self.ctx.collecting = self.refresh.plan(0)
-        self._owners: Assignment | None = None  # inversion (and factor) owners
+        self._owners: OwnerPlan | None = None  # inversion (and factor) owners, per block part
         self.reducer: FactorReducer | None = None
         self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
                                                                             self._param_names)
@@ -179,7 +178,7 @@ class SPNGD(torch.optim.Optimizer):
         self.group = private_group(group)
         self._owners = plan_owners(self.blocks, self.group)
         factors = [f for b in self.blocks for f in b.factors]
-        owners = [self._owners.owners[i] for i, b in enumerate(self.blocks) for _ in b.factors]
+        owners = self._owners.factor_owners(self.blocks)
         dtype_name = cfg.comm_dtype
         if dtype_name == "auto":
             dtype_name = "bf16" if "nccl" in backend(self.group) else "fp32"
@@ -271,7 +270,7 @@ class SPNGD(torch.optim.Optimizer):
         ready = self.grads.available([i for i, b in enumerate(self.blocks) if b.has_preconditioner])
         if not ready:
             return {}
-        owners = self._owners.owners
+        owners = self._owners.block_owners
         mem_opt = self.cfg.precondition_mode == "mem_opt" and world_size(self.group) > 1
         grads, sent = self.grads.block_grads(ready, owners if mem_opt else None, self.group)
         me = self.rank

@@ -5,7 +5,8 @@ Run as: RANK=r WORLD_SIZE=w LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p pyt
 Each case is {"gas": int, "bf16": bool, "inverse_method": str, "steps": int} plus optional "damping", "skip",
 "fisher_type", "zero" (stage), "mode" (precondition_mode), "comm_dtype", "overlap", "bucket_cap_mb", "kl_clip",
 "weight_rescale", "nonfinite", "max_consecutive_skips", "inv_update_steps", "stale_statistics", "stale_tolerance",
-"stale_max_interval", "count_collectives" (record every reduce / all_reduce / broadcast per step), "resume_at"
+"stale_max_interval", "max_factor_dim" (blocked sides: one owner per diagonal block), "count_collectives"
+(record every reduce / all_reduce / broadcast per step), "resume_at"
 (save a checkpoint after that many steps, build a fresh engine, load it and continue),
 "groups" (two parameter groups, see
 :func:`param_groups`; every rank then also records each parameter's momentum buffer after the last step, read with
@@ -127,7 +128,7 @@ def build(case: dict, world: int, rank: int = 0):
             "overlap_comm": case.get("overlap", True), "bucket_cap_mb": case.get("bucket_cap_mb", 4.0),
             "kl_clip": case.get("kl_clip"), "weight_rescale": case.get("weight_rescale", False),
             **{k: case[k] for k in ("nonfinite", "max_consecutive_skips", "stale_statistics", "stale_tolerance",
-                                    "stale_max_interval") if k in case}}},
+                                    "stale_max_interval", "max_factor_dim") if k in case}}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.2,
                                                       "warmup_num_steps": 4, "warmup_type": "linear"}},
     }
@@ -151,21 +152,22 @@ def _arm_inversion_fault(engine, case: dict, rank: int, step: int) -> None:
     spngd = ds_spngd.get_spngd(engine)
     first, n = inject["step"], inject.get("steps", 1)
     active = rank == inject["rank"] and first <= step < first + n
+    plan = spngd._owners
     for i, block in enumerate(spngd.blocks):
-        block.__dict__.pop("draft_preconditioner", None)  # back to the class method
-        if not active or spngd._owners.owners[i] != rank:
+        block.__dict__.pop("draft_part", None)  # back to the class method
+        if not active or rank not in {plan.owners[j] for j, (b, _) in enumerate(plan.jobs) if b == i}:
             continue
-        real = block.draft_preconditioner
+        real = block.draft_part
 
-        def broken(damping, method, real=real, kind=inject["kind"]):
+        def broken(k, damping, method, traces, real=real, kind=inject["kind"]):
             if kind == "inversion":
                 raise torch.linalg.LinAlgError("injected: the solver did not converge")
-            draft = real(damping, method)
+            draft = real(k, damping, method, traces)
             build = draft.build
             draft.build = lambda: [t * float("nan") for t in build()]
             return draft
 
-        block.draft_preconditioner = broken
+        block.draft_part = broken
 
 
 def _plant_device_slip() -> object:
@@ -290,7 +292,9 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         out["momentum"] = _momentum(engine, model, case)
     out["memory"] = spngd.memory_usage() if hasattr(spngd, "memory_usage") else {}
     out["plan"] = spngd.memory_plan() if hasattr(spngd, "memory_plan") else {}
-    out["owners"] = list(spngd._owners.owners)
+    out["owners"] = list(spngd._owners.block_owners)
+    out["part_owners"] = {f"{spngd.blocks[i].name}#{k}": spngd._owners.owners[j]
+                          for j, (i, k) in enumerate(spngd._owners.jobs)}
     return out
 
 

@@ -46,10 +46,10 @@ def test_tiny_model_by_hand() -> None:
         assert c["comm_opt"].peak_bytes == pytest.approx(104.0 + 38.0 + 244.0)
         # G⁻¹·V·A⁻¹ = 2·d_G·d_A·(d_G + d_A): layer 1: 2·4·4·8 = 256; layer 2: 2·2·5·7 = 140; every rank does both
         assert c["comm_opt"].precondition_flops == pytest.approx(396.0)
-        # LPT over part costs d³: A1 64, G1 64, A2 125, G2 8 → 125 → rank 0, 64 → rank 1, 64 → rank 1 (64 < 125),
-        # 8 → rank 0 (125 < 128): block 0 on rank 1 (256 flops), block 1 on rank 0 (140 flops), no part moved
+        # LPT over part costs Σ d³ (an unblocked layer is one part): layer 2 (125 + 8 = 133) → rank 0, layer 1
+        # (64 + 64 = 128) → rank 1: block 0 on rank 1 (256 flops), block 1 on rank 0 (140 flops), no part moved
         plan = plan_parts(opt.blocks, 2)
-        assert plan.owners == (1, 1, 0, 0) and plan.block_owners == (1, 0)
+        assert plan.owners == (1, 0) and plan.block_owners == (1, 0)
         assert c["mem_opt"].precondition_flops == pytest.approx(256.0)
         assert c["mem_opt"].inversion_bytes == 0.0
         # mem_opt: each of the 2 ranks broadcasts its directions and one fp32 partial: (26 + 2)·4 = 112 bytes
@@ -57,7 +57,7 @@ def test_tiny_model_by_hand() -> None:
         # reduce_scatter: (1/2)·26·4 reduce-scatter + (1/2)·26·4 all-gather = 104: the bytes of the all-reduce
         assert c["reduce_scatter"].step_bytes == pytest.approx(104.0)
         assert c["reduce_scatter"].amortized_bytes == pytest.approx(104.0 + 38.0 / 2)
-        # inversion (10/3)·d³ per part: rank 0 (125 + 8)·10/3 = 443.3 > rank 1 (64 + 64)·10/3 = 426.7
+        # inversion (10/3)·d³ per factor: rank 0 (125 + 8)·10/3 = 443.3 > rank 1 (64 + 64)·10/3 = 426.7
         assert c["comm_opt"].inversion_flops == pytest.approx(133 * 10 / 3)
         assert c["comm_opt"].busy_ranks == 2
         assert c["comm_opt"].imbalance == pytest.approx(133 / 130.5)

@@ -430,7 +430,9 @@ def test_gpt2_vocab_on_meta_device_has_no_dense_vocab_factor(kind: str) -> None:
     assert len(tied) == 1 and tied[0].module is head and tied[0].embedding is wte
     assert (tied[0].g.size, tied[0].g.blocks, tied[0].g.dim) == (50257, *layout(50257, 4096, "block"))
     assert (tied[0].g.blocks, tied[0].g.dim) == (13, 3866)  # 13·3866 = 50258: one padded coordinate
-    assert (tied[0].e.blocks, tied[0].e.dim) == (50257, 1)
+    # the token counts follow the V-side's 13 chunks (chunk k of G and of D on one owner), 3866 diagonal entries each
+    assert [(c.blocks, c.dim, c.size) for c in tied[0].e.chunks] == [(3866, 1, 3866)] * 12 + [(3866, 1, 3865)]
+    assert [c.name for c in tied[0].g.chunks] == [f"lm_head.G[{k}]" for k in range(13)]
     assert (tied[0].a.blocks, tied[0].a.dim) == (1, 768) == (tied[0].s.blocks, tied[0].s.dim)
 
     for b in opt.blocks:

@@ -4,9 +4,11 @@ SP-NGD (Osawa et al. arXiv:1811.12019 §4) spreads the per-layer inversions over
 (Pauloski et al. SC'21, arXiv:2107.01739) assigns them greedily by cost. LPT sorts jobs by decreasing cost and gives
 each to the currently least-loaded rank; its makespan is at most 4/3 − 1/(3m) of the optimum (Graham 1969).
 
-Cost of a block = Σ over its factors of the inversion cost: d³ for a d × d Kronecker factor ("compute", Cholesky or
-eigendecomposition are Θ(d³)), or d² ("memory", what the owner must hold and send). Unit-wise blocks are B tiny
-k × k systems: B·k³. Ties are broken by block index so that every rank computes the same assignment.
+The jobs are block *parts* (:func:`ds_spngd.comm.inversion.plan_parts`: a whole block, or one diagonal block of a
+side beyond ``max_factor_dim``). Cost of a part = Σ over its factors of the inversion cost: d³ for a d × d
+Kronecker factor ("compute", Cholesky or eigendecomposition are Θ(d³)), or d² ("memory", what the owner must hold
+and send). Unit-wise blocks are B tiny k × k systems: B·k³. Ties are broken by job index so that every rank computes
+the same assignment.
 """
 
 from __future__ import annotations

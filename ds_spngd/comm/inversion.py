@@ -1,10 +1,14 @@
 """Inversions spread over ranks (SP-NGD, Osawa et al. arXiv:1811.12019 §4; KAISA, Pauloski et al. arXiv:2107.01739):
-every block is inverted by one owner rank chosen by the LPT cost model (:mod:`ds_spngd.comm.assignment`); the owner
-is also the rank its factors were reduced to.
+every *part* of a block (the whole block, or one diagonal block of a side beyond ``max_factor_dim``,
+:mod:`ds_spngd.curvature.side`) is inverted by one owner rank chosen by the LPT cost model
+(:mod:`ds_spngd.comm.assignment`); the owner is also the rank the part's factors were reduced to. The owner of a
+block's first part is the *block owner*: it preconditions the block in ``mem_opt``. When a block's parts have
+several owners, π-corrected damping needs the traces of whole sides: every rank first all-reduces the traces of those
+blocks' factors (one small collective, only on inversion steps that refresh such a block).
 
 An inversion step is a small transaction, so that a failure on one owner ends the step the same way on every rank:
 
-1. every owner *drafts* its blocks' preconditioners (Cholesky started without a host sync; one sync per rank
+1. every owner *drafts* its parts' preconditioners (Cholesky started without a host sync; one sync per rank
    checks all factorizations and re-does failures by eigendecomposition);
 2. every rank agrees (:func:`ds_spngd.comm.agreement.agree`, one small all-reduce) that no owner failed — a solver
    exception or a non-finite result becomes a failure code naming the block;
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,19 +39,81 @@ from torch import Tensor
 
 from ds_spngd.comm.agreement import INVERSION_FAILURES, Problem, agree
 from ds_spngd.comm.assignment import Assignment, assign_owners, block_cost
-from ds_spngd.comm.collectives import broadcast, rank, world_size
-from ds_spngd.curvature.base import FisherBlock, PreconditionerDraft
+from ds_spngd.comm.collectives import all_reduce_sum, broadcast, rank, world_size
+from ds_spngd.curvature.base import FisherBlock, PreconditionerDraft, Traces
 from ds_spngd.linalg import finish_inverses
 
-__all__ = ["plan_owners", "distributed_update", "share_directions"]
+__all__ = ["OwnerPlan", "plan_owners", "plan_parts", "distributed_update", "share_directions"]
 
 logger = logging.getLogger("ds_spngd")
 
 
-def plan_owners(blocks: Sequence[FisherBlock], group: Any = None) -> Assignment:
-    """LPT assignment of the blocks' inversions (cost d³ per factor) over the group's ranks."""
-    costs = [block_cost([(f.blocks, f.dim) for f in b.factors]) for b in blocks]
-    return assign_owners(costs, world_size(group))
+@dataclass(frozen=True)
+class OwnerPlan:
+    """Who owns which part of which block (identical on every rank: shapes and world size only).
+
+    Attributes:
+        jobs: (block index, part index) of every part, blocks in order.
+        assignment: the LPT result over ``jobs`` (``assignment.owners[j]`` owns job j).
+        block_owners: per block, the owner of its first part (preconditions the block in ``mem_opt``).
+    """
+
+    jobs: tuple[tuple[int, int], ...]
+    assignment: Assignment
+    block_owners: tuple[int, ...]
+
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """Owner of each job."""
+        return self.assignment.owners
+
+    def factor_owners(self, blocks: Sequence[FisherBlock]) -> list[int]:
+        """Owner of every factor, in ``[f for b in blocks for f in b.factors]`` order (the reducer's)."""
+        by_name = {f.name: self.owners[j] for j, (i, k) in enumerate(self.jobs) for f in blocks[i].parts()[k]}
+        return [by_name[f.name] for b in blocks for f in b.factors]
+
+    def multi_owner(self, i: int) -> bool:
+        """True when block i's parts have more than one owner (its drafts need all-reduced traces)."""
+        return len({self.owners[j] for j, (b, _) in enumerate(self.jobs) if b == i}) > 1
+
+
+def plan_parts(blocks: Sequence[FisherBlock], world: int) -> OwnerPlan:
+    """LPT assignment of every block part's inversion (cost B·d³ per factor) over ``world`` ranks."""
+    jobs, costs = [], []
+    for i, b in enumerate(blocks):
+        for k, part in enumerate(b.parts()):
+            jobs.append((i, k))
+            costs.append(block_cost([(f.blocks, f.dim) for f in part]))
+    assignment = assign_owners(costs, world)
+    first = {i: assignment.owners[j] for j, (i, k) in reversed(list(enumerate(jobs)))}
+    return OwnerPlan(tuple(jobs), assignment, tuple(first[i] for i in range(len(blocks))))
+
+
+def plan_owners(blocks: Sequence[FisherBlock], group: Any = None) -> OwnerPlan:
+    """:func:`plan_parts` over the group's ranks."""
+    return plan_parts(blocks, world_size(group))
+
+
+def _global_traces(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, group: Any,
+                   device: torch.device) -> Traces:
+    """Factor name → trace, for the factors of the refreshed blocks whose parts have several owners: each owner
+    puts in its factors' traces, one SUM all-reduce gives every rank all of them (no host sync). Empty (and no
+    collective) when no such block is refreshed — decided from the plan and ``todo``, identical on every rank."""
+    ids = [i for i, t in enumerate(todo) if t and plan.multi_owner(i)]
+    if not ids or world_size(group) == 1:
+        return {}
+    factors = [f for i in ids for f in blocks[i].factors]
+    me = rank(group)
+    mine = {f.name for j, (i, k) in enumerate(plan.jobs) if todo[i] and plan.owners[j] == me
+            for f in blocks[i].parts()[k]}
+    vec = torch.zeros(len(factors), dtype=torch.float32, device=device)
+    # owned factors only: a rank may hold stale values of others' factors (a checkpoint loads every value everywhere)
+    held = [k for k, f in enumerate(factors) if f.name in mine and f.value is not None]
+    if held:
+        vec[held] = torch.stack([factors[k].diagonal_of(factors[k].value).float().sum().to(device)  # type: ignore[arg-type]
+                                 for k in held])
+    all_reduce_sum(vec, group)
+    return {f.name: vec[k] for k, f in enumerate(factors)}
 
 
 def _split(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
@@ -59,53 +126,54 @@ def _split(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
     return out
 
 
-def _draft_all(blocks: Sequence[FisherBlock], ids: Sequence[int], damping: float, method: str,
-               device: torch.device) -> tuple[dict[int, list[Tensor]], Tensor]:
-    """Owner side: the new preconditioners of blocks ``ids`` and a failure code per block (0 = fine)."""
-    codes = torch.zeros(len(blocks), device=device)
+def _draft_all(blocks: Sequence[FisherBlock], plan: OwnerPlan, mine: Sequence[int], traces: Traces, damping: float,
+               method: str, device: torch.device) -> tuple[dict[int, list[Tensor]], Tensor]:
+    """Owner side: the tensors of jobs ``mine`` and a failure code per job (0 = fine)."""
+    codes = torch.zeros(len(plan.jobs), device=device)
     drafts: dict[int, PreconditionerDraft] = {}
-    for i in ids:
+    for j in mine:
+        i, k = plan.jobs[j]
         try:
-            drafts[i] = blocks[i].draft_preconditioner(damping, method)
+            drafts[j] = blocks[i].draft_part(k, damping, method, traces)
         except torch.linalg.LinAlgError as err:
             logger.error("SP-NGD: inverting %s failed: %s", blocks[i].name, err)
-            codes[i] = 1.0
+            codes[j] = 1.0
         except Exception:  # noqa: BLE001 - any error here must reach every rank through the agreement, not hang it
             logger.exception("SP-NGD: drafting the preconditioner of %s failed", blocks[i].name)
-            codes[i] = 3.0
-    finish_inverses([j for d in drafts.values() for j in d.jobs])
-    for i, d in list(drafts.items()):
-        errors = [j.error for j in d.jobs if j.error is not None]
+            codes[j] = 3.0
+    finish_inverses([job for d in drafts.values() for job in d.jobs])
+    for j, d in list(drafts.items()):
+        errors = [job.error for job in d.jobs if job.error is not None]
         if errors:  # the eigendecomposition fallback of one of its factors did not converge
-            logger.error("SP-NGD: inverting %s failed: %s", blocks[i].name, errors[0])
-            codes[i] = 1.0
-            del drafts[i]
-    built = {i: d.build() for i, d in drafts.items()}
+            logger.error("SP-NGD: inverting %s failed: %s", blocks[plan.jobs[j][0]].name, errors[0])
+            codes[j] = 1.0
+            del drafts[j]
+    built = {j: d.build() for j, d in drafts.items()}
     if built:
         ids_built = list(built)
-        norms = torch._foreach_norm([t for i in ids_built for t in built[i]], float("inf"))
-        per_block, k = [], 0
-        for i in ids_built:
-            n = len(built[i])
-            per_block.append(torch.stack(norms[k : k + n]).sum())
-            k += n
-        bad = ~torch.isfinite(torch.stack(per_block))
+        norms = torch._foreach_norm([t for j in ids_built for t in built[j]], float("inf"))
+        per_job, n = [], 0
+        for j in ids_built:
+            per_job.append(torch.stack(norms[n : n + len(built[j])]).sum())
+            n += len(built[j])
+        bad = ~torch.isfinite(torch.stack(per_job))
         codes[ids_built] = torch.where(bad, torch.full_like(codes[ids_built], 2.0), codes[ids_built])
     return built, codes
 
 
-def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], assignment: Assignment, damping: float,
+def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, damping: float,
                        method: str, group: Any, share: bool, device: torch.device) -> tuple[int, list[Problem]]:
-    """Recompute the preconditioners of the blocks flagged in ``todo``, each on its owner (see the module docstring).
+    """Recompute the preconditioners of the blocks flagged in ``todo``, each part on its owner (module docstring).
 
     Args:
         blocks: all blocks, in the order shared by every rank.
         todo: which blocks to refresh (must be identical on every rank).
-        assignment: owners from :func:`plan_owners`.
+        plan: owners from :func:`plan_owners`.
         damping: λ.
         method: ``"inverse"`` or ``"eigen"``.
         group: SP-NGD's process group.
-        share: broadcast the new preconditioners to every rank (``comm_opt``); False keeps them on the owner.
+        share: install every preconditioner on every rank (``comm_opt``); False installs each on its block owner
+            only (parts owned elsewhere are broadcast to it).
         device: device of the communication buffers (the gradients').
 
     Returns:
@@ -113,36 +181,51 @@ def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], assi
         every block keeps its previous preconditioner on every rank.
     """
     me, world = rank(group), world_size(group)
-    owners = assignment.owners
-    mine = [i for i, t in enumerate(todo) if t and (world == 1 or owners[i] == me)]
-    built, codes = _draft_all(blocks, mine, damping, method, device)
+    owners = plan.owners
+    jobs = [j for j, (i, _) in enumerate(plan.jobs) if todo[i]]
+    traces = _global_traces(blocks, todo, plan, group, device)
+    built, codes = _draft_all(blocks, plan, [j for j in jobs if world == 1 or owners[j] == me], traces, damping,
+                              method, device)
     agreed = agree([codes], group, device)
-    problems = [Problem(blocks[i].name, f"inverting on rank {owners[i]} failed: {INVERSION_FAILURES[int(c)]}")
-                for i, c in enumerate(agreed) if c != 0.0]
+    problems, seen = [], set()
+    for j, c in enumerate(agreed):  # one owner per job: the sum is that owner's code
+        i = plan.jobs[j][0]
+        if c != 0.0 and i not in seen:
+            seen.add(i)
+            problems.append(Problem(blocks[i].name, f"inverting on rank {owners[j]} failed: "
+                                                    f"{INVERSION_FAILURES[int(c)]}"))
     if problems:
         return 0, problems
+    received: dict[int, list[Tensor]] = {}
     sent = 0
     for owner in range(world):
-        ids = [i for i, t in enumerate(todo) if t and owners[i] == owner]
-        if not ids or not (share or owner == me or world == 1):
-            continue
-        shapes = [s for i in ids for s in blocks[i].preconditioner_shapes(method)]
-        numel = sum(int(torch.Size(s).numel()) for s in shapes)
-        if owner == me or world == 1:
-            flat = torch.cat([t.reshape(-1).float() for i in ids for t in built[i]])
-        else:
-            flat = torch.empty(numel, dtype=torch.float32, device=device)
-        if share and world > 1:
-            broadcast(flat, owner, group)
-            sent += numel * 4
-        tensors = _split(flat, shapes)
-        for i in ids:
-            k = len(blocks[i].preconditioner_shapes(method))
-            blocks[i].install_preconditioner(tensors[:k], method)
-            tensors = tensors[k:]
+        mine = [j for j in jobs if owners[j] == owner]
+        # what must leave the owner: everything (comm_opt), or the parts of blocks another rank preconditions
+        out = mine if share else [j for j in mine if plan.block_owners[plan.jobs[j][0]] != owner]
+        kept = [j for j in mine if j not in out]
+        for ids, travel in ((out, world > 1), (kept, False)):
+            if not ids or not (travel or owner == me or world == 1):
+                continue
+            shapes = [s for j in ids for s in blocks[plan.jobs[j][0]].part_shapes(plan.jobs[j][1], method)]
+            numel = sum(int(torch.Size(s).numel()) for s in shapes)
+            if owner == me or world == 1:
+                flat = torch.cat([t.reshape(-1).float() for j in ids for t in built[j]])
+            else:
+                flat = torch.empty(numel, dtype=torch.float32, device=device)
+            if travel:
+                broadcast(flat, owner, group)
+                sent += numel * 4
+            tensors = _split(flat, shapes)
+            for j in ids:
+                n = len(blocks[plan.jobs[j][0]].part_shapes(plan.jobs[j][1], method))
+                received[j], tensors = tensors[:n], tensors[n:]
     for i, t in enumerate(todo):
-        if t:
-            blocks[i].precond_ready = True
+        if not t:
+            continue
+        if share or world == 1 or plan.block_owners[i] == me:
+            parts = [received[j] for j in jobs if plan.jobs[j][0] == i]
+            blocks[i].install_parts(parts, method, damping)
+        blocks[i].precond_ready = True
     return sent, []
 
 

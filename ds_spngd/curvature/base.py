@@ -33,7 +33,9 @@ from torch.utils.hooks import RemovableHandle
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.linalg import InverseJob
 
-__all__ = ["CaptureContext", "FisherBlock", "PreconditionerDraft"]
+__all__ = ["CaptureContext", "FisherBlock", "PreconditionerDraft", "Traces"]
+
+Traces = dict[str, Tensor]  # factor name → trace over its real coordinates (0-d fp32), identical on every rank
 
 
 @dataclass
@@ -265,6 +267,29 @@ class FisherBlock(ABC):
     @abstractmethod
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
         """Shapes of the tensors a draft builds for ``method`` (what an owner sends)."""
+
+    # ---- parts: the units of ownership (a block is one part unless a side is chunked, see curvature/side.py) ------
+    def parts(self) -> list[list[SymmetricFactor]]:
+        """The block's factors grouped into the units that are reduced to, and drafted by, one owner rank each (a
+        partition of :attr:`factors`; identical on every rank). Default: the whole block is one part."""
+        return [self.factors]
+
+    def draft_part(self, k: int, damping: float, method: str, traces: Traces) -> PreconditionerDraft:
+        """Owner of part ``k``: its share of the preconditioner. ``traces`` holds every factor's trace (all-reduced
+        when the parts have different owners). Default (one part): :meth:`draft_preconditioner`.
+
+        Raises:
+            as :meth:`draft_preconditioner`.
+        """
+        return self.draft_preconditioner(damping, method)
+
+    def part_shapes(self, k: int, method: str) -> list[tuple[int, ...]]:
+        """Shapes of the tensors part ``k``'s draft builds (what its owner sends)."""
+        return self.preconditioner_shapes(method)
+
+    def install_parts(self, tensors: list[list[Tensor]], method: str, damping: float) -> None:
+        """Install the preconditioner from every part's tensors (in :meth:`parts` order)."""
+        self.install_preconditioner(tensors[0], method)
 
     def preconditioner_tensors(self) -> list[Tensor]:
         """The current preconditioner's tensors (fp32), in :meth:`preconditioner_shapes` order.

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ds_spngd.curvature.base import Capture, CaptureContext, FisherBlock
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.curvature.kronecker import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock
+from ds_spngd.curvature.side import Side, side_factor
 
 __all__ = ["EmbeddingBlock", "embedding_supported", "add_lookups", "lookup_capture"]
 
@@ -44,7 +45,7 @@ def token_factor(name: str, vocab: int, device: Callable[[], torch.device]) -> S
     return SymmetricFactor(name, 1, blocks=vocab, final_in="backward", device=device, size=vocab)
 
 
-def add_lookups(counts: SymmetricFactor, g: SymmetricFactor, idx: Tensor, gy: Tensor, scale: float | Tensor,
+def add_lookups(counts: Side, g: Side, idx: Tensor, gy: Tensor, scale: float | Tensor,
                 terms: float | Tensor) -> None:
     """Add one micro-batch of lookups to an embedding's factors (expand; see the module docstring).
 
@@ -64,7 +65,7 @@ def add_lookups(counts: SymmetricFactor, g: SymmetricFactor, idx: Tensor, gy: Te
     g.add(g.cast(rows) * scale, 1.0, terms)
 
 
-def lookup_capture(ctx: CaptureContext, counts: SymmetricFactor, g: SymmetricFactor) -> Capture:
+def lookup_capture(ctx: CaptureContext, counts: Side, g: Side) -> Capture:
     """The hook capture of an embedding use: keeps the first m examples' indices, adds them with their output
     gradient (:func:`add_lookups`) when it arrives."""
 
@@ -97,8 +98,7 @@ class EmbeddingBlock(KroneckerBlock):
         self.vocab, self.d_out = int(module.num_embeddings), int(module.embedding_dim)
         self.max_factor_dim, self.large_dim_method = max_factor_dim, large_dim_method
         self.a = token_factor(f"{name}.A", self.vocab, self._param_device)
-        self.g = SymmetricFactor.for_side(f"{name}.G", self.d_out, max_factor_dim, large_dim_method,
-                                          device=self._param_device)
+        self.g = side_factor(f"{name}.G", self.d_out, max_factor_dim, large_dim_method, device=self._param_device)
 
     def describe(self) -> str:
         return f"{self.name}: Embedding K-FAC, A diagonal {self.vocab}, G {self.g.blocks}x{self.g.dim}x{self.g.dim}"

@@ -2,7 +2,8 @@
 
 A factor holds a batch of B symmetric d × d matrices (B = 1 for a Kronecker factor, B = C channels for a unit-wise
 block). A Kronecker factor of a side larger than ``max_factor_dim`` is held block-diagonally in the same form
-(:meth:`SymmetricFactor.for_side`, Distributed Shampoo's ``max_preconditioner_dim`` blocking, Anil et al. 2020,
+(:meth:`SymmetricFactor.for_side`; a Kronecker block holds such a side as one factor per diagonal block,
+:mod:`ds_spngd.curvature.side`; Distributed Shampoo's ``max_preconditioner_dim`` blocking, Anil et al. 2020,
 arXiv:2002.09018 §4.3 / Shi et al. 2023, arXiv:2309.06497): a side of ``size`` coordinates becomes B = ⌈size/max⌉
 diagonal blocks of d = ⌈size/B⌉ (the last ≤ B−1 coordinates of the last block are zero padding, which damping makes
 invertible and which never reaches a parameter), or its diagonal alone (B = size blocks of 1 × 1). No statistic
@@ -91,7 +92,8 @@ class SymmetricFactor:
         self.dim = dim
         self.blocks = blocks
         self.size = blocks * dim if size is None else size
-        if not blocks * dim - blocks < self.size <= blocks * dim:
+        # padding: at most B − 1 coordinates (a blocked side), or a one-block chunk of a side (curvature/side.py)
+        if not min(blocks * dim - blocks, (blocks - 1) * dim) < self.size <= blocks * dim:
             raise ValueError(f"factor {name}: {blocks} blocks of {dim} cannot hold {self.size} coordinates")
         self.final_in = final_in
         self._device = device

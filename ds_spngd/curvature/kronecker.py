@@ -21,8 +21,10 @@ d_in × d_out weight is read transposed) is approximated by F ≈ G ⊗ A with
   G = E_i[(1/|T|) Σ_t g_{i,t} g_{i,t}ᵀ] averages over them. ∇W = Σ_t g_t a_tᵀ.
 
 A side (A or G) larger than ``max_factor_dim`` is block-diagonal or diagonal (``large_dim_method``;
-:meth:`ds_spngd.curvature.factor.SymmetricFactor.for_side`), so a 50257-wide output layer never holds a dense
-50257² matrix. The preconditioned gradient is (G ⊗ A + damping)⁻¹ vec(∇W), computed blockwise as
+:func:`ds_spngd.curvature.side.side_factor`), so a 50257-wide output layer never holds a dense 50257² matrix; a
+block-diagonal side is one factor per diagonal block, and the block's preconditioner is drafted in *parts* (a whole
+side, or one of its diagonal blocks: :meth:`KroneckerBlock.parts`), each by its own owner rank, with π from the
+traces of the whole sides. The preconditioned gradient is (G ⊗ A + damping)⁻¹ vec(∇W), computed blockwise as
 
 * ``"inverse"``: (G + (√λ/π)·I)⁻¹ ∇W (A + π√λ·I)⁻¹, π = sqrt((tr A/d_A)/(tr G/d_G)) (Martens & Grosse §6.3);
 * ``"eigen"``: Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ — the exact inverse of G ⊗ A + λ·I (George et al. 2018,
@@ -38,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft, Traces
 from ds_spngd.curvature.factor import SymmetricFactor
+from ds_spngd.curvature.side import ChunkedSide, Side, chunks_of, side_factor, side_trace
 from ds_spngd.linalg import InverseJob, pi_from_traces, sym_eigh
 
 __all__ = ["KroneckerBlock", "kronecker_supported", "is_conv1d", "left_apply", "right_apply"]
@@ -133,18 +136,17 @@ class KroneckerBlock(FisherBlock):
         self.has_bias = getattr(module, "bias", None) is not None
         d_in = (int(w.shape[0]) if self.transposed else int(w[0].numel())) + (1 if self.has_bias else 0)
         self.max_factor_dim, self.large_dim_method = max_factor_dim, large_dim_method
-        self.a = SymmetricFactor.for_side(f"{name}.A", d_in, max_factor_dim, large_dim_method,
-                                          final_in="forward" if self.is_conv else "backward",
-                                          device=self._param_device)
-        self.g = SymmetricFactor.for_side(f"{name}.G", self.d_out, max_factor_dim, large_dim_method,
-                                          device=self._param_device)
+        self.a: Side = side_factor(f"{name}.A", d_in, max_factor_dim, large_dim_method,
+                                   final_in="forward" if self.is_conv else "backward", device=self._param_device)
+        self.g: Side = side_factor(f"{name}.G", self.d_out, max_factor_dim, large_dim_method,
+                                   device=self._param_device)
 
     @property
     def factors(self) -> list[SymmetricFactor]:
-        return [self.a, self.g]
+        return [*chunks_of(self.a), *chunks_of(self.g)]
 
     @property
-    def sides(self) -> tuple[SymmetricFactor, SymmetricFactor]:
+    def sides(self) -> tuple[Side, Side]:
         """The (input side, output side) factors whose shapes the preconditioner has (A, G here)."""
         return self.a, self.g
 
@@ -210,28 +212,110 @@ class KroneckerBlock(FisherBlock):
         self.a.add(_with_ones(rows, mask) if self.has_bias else rows, 1.0, mask.sum())
         self.g.add(g3.reshape(-1, d_out) * scale, 1.0, terms)  # masked rows are zero already
 
-    # ---- preconditioner ---------------------------------------------------------------------------------------
-    def side_values(self) -> tuple[Tensor, Tensor]:
-        """The committed (input side, output side) factor values, B × d × d each (combined for shared weights)."""
-        a, g = self.a.value, self.g.value
-        if a is None or g is None:
+    # ---- preconditioner (per part: a side, or one chunk of a chunked side; :mod:`ds_spngd.curvature.side`) ------
+    def side_layers(self) -> tuple[tuple[Side, ...], tuple[Side, ...]]:
+        """(input side, output side), each as the aligned factors its value is combined from (here one each)."""
+        return (self.a,), (self.g,)
+
+    def combine_parts(self, side: int, values: list[Tensor | None], traces: Traces) -> Tensor:
+        """The value of one part of ``side`` (0 input, 1 output) from its factors' values (B_k × b × b)."""
+        v = values[0]
+        if v is None:
             raise RuntimeError(f"{self.name}: its factors have no value on this rank (only the owner drafts)")
-        return a, g
+        return v
+
+    def side_mean_traces(self, traces: Traces) -> tuple[Tensor, Tensor]:
+        """Mean traces (over real coordinates) of the combined input and output sides, from the factors' traces."""
+        return side_trace(self.a, traces) / self.a.size, side_trace(self.g, traces) / self.g.size
+
+    def _pieces(self) -> list[tuple[int, int]]:
+        """(side, chunk) of every piece of the preconditioner: a whole side (chunk −1) or one chunk of a chunked one."""
+        out = []
+        for side, layers in enumerate(self.side_layers()):
+            n = len(chunks_of(layers[0]))
+            out += [(side, -1)] if n == 1 else [(side, k) for k in range(n)]
+        return out
+
+    def _piece_factors(self, piece: tuple[int, int]) -> list[SymmetricFactor]:
+        side, k = piece
+        return [chunks_of(x)[max(k, 0)] for x in self.side_layers()[side]]
+
+    def _parts(self) -> list[list[int]]:
+        """Piece indices per part: the whole sides together (one owner, as for any block), each chunk alone."""
+        pieces = self._pieces()
+        whole = [p for p, (_, k) in enumerate(pieces) if k < 0]
+        return ([whole] if whole else []) + [[p] for p, (_, k) in enumerate(pieces) if k >= 0]
+
+    def parts(self) -> list[list[SymmetricFactor]]:
+        pieces = self._pieces()
+        return [[f for p in part for f in self._piece_factors(pieces[p])] for part in self._parts()]
+
+    def _draft_piece(self, piece: tuple[int, int], damping: float, method: str,
+                     traces: Traces) -> PreconditionerDraft:
+        side, _ = piece
+        m = self.combine_parts(side, [f.value for f in self._piece_factors(piece)], traces)
+        if method == "inverse":
+            pi = pi_from_traces(*self.side_mean_traces(traces))  # a 0-d tensor: no host sync
+            sq = math.sqrt(damping)
+            job = InverseJob.start(m, pi * sq if side == 0 else sq / pi)
+            return PreconditionerDraft([job], lambda: [job.inverse])
+        if method == "eigen":
+            d, q = sym_eigh(m, check=False)
+            return PreconditionerDraft([], lambda: [q, d])
+        raise ValueError(f"unknown inverse_method {method!r}")
+
+    def draft_part(self, k: int, damping: float, method: str, traces: Traces) -> PreconditionerDraft:
+        """Owner of part k: per piece, its damped inverse ((X + π√λ·I)⁻¹ input side, (X + √λ/π·I)⁻¹ output side;
+        π from the *whole* sides' traces, Martens & Grosse §6.3) or its eigendecomposition (q, d), as B_k × b × b
+        tensors (and B_k × b eigenvalues)."""
+        traces = {**self.local_traces(), **traces}  # the all-reduced traces of parts held elsewhere, if any
+        pieces = self._pieces()
+        drafts = [self._draft_piece(pieces[p], damping, method, traces) for p in self._parts()[k]]
+        return PreconditionerDraft([j for d in drafts for j in d.jobs], lambda: [t for d in drafts for t in d.build()])
+
+    def part_shapes(self, k: int, method: str) -> list[tuple[int, ...]]:
+        out: list[tuple[int, ...]] = []
+        for p in self._parts()[k]:
+            f = self._piece_factors(self._pieces()[p])[0]
+            out += [(f.blocks, f.dim, f.dim)] if method == "inverse" else [(f.blocks, f.dim, f.dim), (f.blocks, f.dim)]
+        return out
+
+    def assemble(self, tensors: list[list[Tensor]], method: str, damping: float) -> list[Tensor]:
+        """The block's preconditioner (:meth:`preconditioner_shapes`) from every part's tensors."""
+        per_piece: dict[int, list[Tensor]] = {}
+        n = 1 if method == "inverse" else 2
+        for part, ts in zip(self._parts(), tensors, strict=True):
+            for j, p in enumerate(part):
+                per_piece[p] = ts[j * n : (j + 1) * n]
+        per_side: list[list[list[Tensor]]] = [[], []]
+        for p, (side, _) in enumerate(self._pieces()):
+            per_side[side].append(per_piece[p])
+        first = [_squeeze(torch.cat([ts[0] for ts in pieces])) for pieces in per_side]
+        if method == "inverse":
+            return first
+        d_a, d_g = (torch.cat([ts[1].reshape(-1) for ts in pieces]) for pieces in per_side)
+        return [*first, 1.0 / (d_g.reshape(-1, 1) * d_a.reshape(1, -1) + damping)]
+
+    def install_parts(self, tensors: list[list[Tensor]], method: str, damping: float) -> None:
+        self.install_preconditioner(self.assemble(tensors, method, damping), method)
+
+    def local_traces(self) -> Traces:
+        """Factor name → trace over its real coordinates, for the factors whose value this rank holds."""
+        return {f.name: f.diagonal_of(f.value).float().sum() for f in self.factors if f.value is not None}
+
+    def side_values(self) -> tuple[Tensor, Tensor]:
+        """The combined (input side, output side) values, B × b × b each, from the factors held here."""
+        traces = self.local_traces()
+        out: list[list[Tensor]] = [[], []]
+        for piece in self._pieces():
+            out[piece[0]].append(self.combine_parts(piece[0], [f.value for f in self._piece_factors(piece)], traces))
+        return torch.cat(out[0]), torch.cat(out[1])
 
     def draft_preconditioner(self, damping: float, method: str) -> PreconditionerDraft:
-        a, g = self.side_values()
-        fa, fg = self.sides
-        if method == "inverse":
-            pi = pi_from_traces(fa.mean_trace(a), fg.mean_trace(g))  # a 0-d tensor: no host sync
-            sq = math.sqrt(damping)
-            ja, jg = InverseJob.start(a, pi * sq), InverseJob.start(g, sq / pi)
-            return PreconditionerDraft([ja, jg], lambda: [_squeeze(ja.inverse), _squeeze(jg.inverse)])
-        if method == "eigen":
-            d_a, q_a = sym_eigh(a, check=False)
-            d_g, q_g = sym_eigh(g, check=False)
-            scale = 1.0 / (d_g.reshape(-1, 1) * d_a.reshape(1, -1) + damping)
-            return PreconditionerDraft([], lambda: [_squeeze(q_a), _squeeze(q_g), scale])
-        raise ValueError(f"unknown inverse_method {method!r}")
+        traces = self.local_traces()
+        drafts = [self.draft_part(k, damping, method, traces) for k in range(len(self.parts()))]
+        return PreconditionerDraft([j for d in drafts for j in d.jobs],
+                                   lambda: self.assemble([d.build() for d in drafts], method, damping))
 
     def preconditioner_shapes(self, method: str) -> list[tuple[int, ...]]:
         fa, fg = self.sides
@@ -276,11 +360,13 @@ def _squeeze(t: Tensor) -> Tensor:
     return t[0].contiguous() if t.dim() == 3 and t.shape[0] == 1 else t.contiguous()
 
 
-def _side_shape(f: SymmetricFactor) -> tuple[int, ...]:
+def _side_shape(f: Side) -> tuple[int, ...]:
     return (f.dim, f.dim) if f.blocks == 1 else (f.blocks, f.dim, f.dim)
 
 
-def _shape(f: SymmetricFactor) -> str:
+def _shape(f: Side) -> str:
+    if isinstance(f, ChunkedSide):
+        return f"{f.blocks} blocks of {f.dim}x{f.dim} (side {f.size}), one owner each"
     if f.blocks == 1:
         return f"{f.dim}x{f.dim}"
     if f.dim == 1:

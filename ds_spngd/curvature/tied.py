@@ -27,13 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import Capture, CaptureContext
+from ds_spngd.curvature.base import Capture, CaptureContext, Traces
 from ds_spngd.curvature.embedding import lookup_capture, token_factor
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.curvature.kronecker import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock
+from ds_spngd.curvature.side import ChunkedSide, Side, chunks_of, side_factor, side_trace
 from ds_spngd.linalg import pi_from_traces
 
-__all__ = ["TiedBlock", "tied_supported", "combine_tied"]
+__all__ = ["TiedBlock", "tied_supported"]
 
 
 def tied_supported(embedding: nn.Module, linear: nn.Module) -> str | None:
@@ -47,29 +48,6 @@ def tied_supported(embedding: nn.Module, linear: nn.Module) -> str | None:
     if embedding.sparse:
         return "nn.Embedding(sparse=True): sparse gradients are not supported"
     return None
-
-
-def combine_tied(g_out: Tensor, a_out: Tensor, counts: Tensor, g_emb: Tensor, v_side: SymmetricFactor,
-                 d_side: SymmetricFactor) -> tuple[Tensor, Tensor]:
-    """(V-side, d-side) factors of the tied block: (G_out + π_t D_emb, A_out + G_emb / π_t) (module docstring).
-
-    Args:
-        g_out: V-side factor of the output use, in ``v_side``'s layout (B × b × b).
-        a_out: d-side factor of the output use, in ``d_side``'s layout.
-        counts: token frequencies, V × 1 × 1.
-        g_emb: d-side factor of the embedding use, in ``d_side``'s layout.
-        v_side, d_side: the layouts (for traces over real coordinates and padding).
-
-    Returns:
-        The combined factors (new tensors), π_t as a 0-d tensor computed without a host sync.
-    """
-    freq = counts.reshape(-1).float()
-    pi = pi_from_traces(v_side.mean_trace(g_out) * d_side.mean_trace(g_emb),
-                        freq.mean() * d_side.mean_trace(a_out))
-    diag = torch.nn.functional.pad(freq, (0, v_side.padded - v_side.size)) * pi
-    v = g_out.clone()
-    v.diagonal(dim1=-2, dim2=-1).add_(diag.view(v_side.blocks, v_side.dim))
-    return v, a_out + g_emb / pi
 
 
 class TiedBlock(KroneckerBlock):
@@ -96,13 +74,17 @@ class TiedBlock(KroneckerBlock):
             raise ValueError(f"{name}: {reason}")
         super().__init__(name, module, ctx, max_factor_dim, large_dim_method)
         self.embedding, self.emb_name = embedding, emb_name
-        self.e = token_factor(f"{name}.E", self.d_out, self._param_device)
-        self.s = SymmetricFactor.for_side(f"{name}.S", self.a.size, max_factor_dim, large_dim_method,
-                                          device=self._param_device)
+        g = self.g
+        # the token counts follow the V-side's chunks, so that chunk k of both lives on one owner
+        self.e: Side = (ChunkedSide(f"{name}.E", self.d_out, g.blocks, g.dim, device=self._param_device,
+                                    diagonal=True) if isinstance(g, ChunkedSide)
+                        else token_factor(f"{name}.E", self.d_out, self._param_device))
+        self.s: Side = side_factor(f"{name}.S", self.a.size, max_factor_dim, large_dim_method,
+                                   device=self._param_device)
 
     @property
     def factors(self) -> list[SymmetricFactor]:
-        return [self.a, self.g, self.e, self.s]
+        return [*chunks_of(self.a), *chunks_of(self.g), *chunks_of(self.e), *chunks_of(self.s)]
 
     def describe(self) -> str:
         return (f"{self.name}: Linear tied to Embedding {self.emb_name}, one K-FAC block over the shared weight "
@@ -111,14 +93,45 @@ class TiedBlock(KroneckerBlock):
     def hooked(self) -> list[tuple[nn.Module, Capture]]:
         return [(self.module, self._capture_forward), (self.embedding, lookup_capture(self.ctx, self.e, self.s))]
 
-    def side_values(self) -> tuple[Tensor, Tensor]:
-        a, g, e, s = self.a.value, self.g.value, self.e.value, self.s.value
-        if a is None or g is None:
+    def side_layers(self) -> tuple[tuple[Side, ...], tuple[Side, ...]]:
+        """d-side (A_out, G_emb) and V-side (G_out, D_emb), aligned chunk by chunk."""
+        return (self.a, self.s), (self.g, self.e)
+
+    def _combined(self) -> bool:
+        """True once the embedding use has factors (identical on every rank: versions, not values)."""
+        return self.e.committed and self.s.committed
+
+    def _pi_tied(self, traces: Traces) -> Tensor:
+        """π_t = sqrt((tr G_out/V · tr G_emb/d) / (tr D_emb/V · tr A_out/d)) (module docstring), 0-d."""
+        mean = {k: side_trace(f, traces) / f.size for k, f in (("g", self.g), ("s", self.s), ("e", self.e),
+                                                              ("a", self.a))}
+        return pi_from_traces(mean["g"] * mean["s"], mean["e"] * mean["a"])
+
+    def combine_parts(self, side: int, values: list[Tensor | None], traces: Traces) -> Tensor:
+        """d-side part A_k + G_emb,k / π_t; V-side part G_k + π_t·diag(D_k) (the output use alone until the
+        embedding's factors exist)."""
+        main, extra = values
+        if main is None or (self._combined() and extra is None):
             raise RuntimeError(f"{self.name}: its factors have no value on this rank (only the owner drafts)")
-        if e is None or s is None:  # the embedding never ran: the output use alone
-            return a, g
-        v_side, d_side = combine_tied(g, a, e, s, self.g, self.a)
-        return d_side, v_side
+        if not self._combined() or extra is None:
+            return main
+        pi_t = self._pi_tied(traces)
+        if side == 0:
+            return main + extra / pi_t
+        diag = extra.reshape(-1).float()
+        diag = torch.nn.functional.pad(diag, (0, main.shape[0] * main.shape[-1] - diag.numel()))
+        out = main.clone()
+        out.diagonal(dim1=-2, dim2=-1).add_(diag.view(main.shape[0], main.shape[-1]) * pi_t)
+        return out
+
+    def side_mean_traces(self, traces: Traces) -> tuple[Tensor, Tensor]:
+        """Mean traces of the combined sides: tr A/d + tr S/(d·π_t) and tr G/V + π_t·tr D/V."""
+        mean_a, mean_g = side_trace(self.a, traces) / self.a.size, side_trace(self.g, traces) / self.g.size
+        if not self._combined():
+            return mean_a, mean_g
+        pi_t = self._pi_tied(traces)
+        return (mean_a + side_trace(self.s, traces) / self.s.size / pi_t,
+                mean_g + pi_t * side_trace(self.e, traces) / self.e.size)
 
     @property
     def has_factors(self) -> bool:
