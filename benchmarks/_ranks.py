@@ -1,6 +1,7 @@
 """Shared by the multi-rank benchmarks: re-run the calling script as ``ranks`` gloo ranks (one thread each).
 
-Each rank is ``python <script> <same args> --worker OUT`` and must write ``OUT/rank<r>.json``; the parent collects them.
+Each rank is ``python <script> <same args> --worker OUT`` and must write ``OUT/rank<r>.json``; the parent collects them
+and removes the /dev/shm buffers DeepSpeed's CPU all-reduce leaves for the run's port.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from ds_spngd.run_log import remove_shm_buffers
 
 
 def launch_ranks(script: str, ranks: int, out: str) -> list[Any]:
@@ -30,7 +33,10 @@ def launch_ranks(script: str, ranks: int, out: str) -> list[Any]:
                "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, script, *sys.argv[1:], "--worker", out], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate()[0] for p in procs]
+    try:
+        logs = [p.communicate()[0] for p in procs]
+    finally:
+        remove_shm_buffers(port)  # DeepSpeed's CPU shared-memory all-reduce buffers of this run's port
     for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
         if p.returncode != 0:
             raise RuntimeError(f"rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")

@@ -85,11 +85,15 @@ class SPNGDConfig(BaseModel):
             Pauloski et al. 2021): ``"comm_opt"`` = each block's owner inverts and broadcasts the inverses on inversion
             steps, every rank preconditions every block (least traffic between inversions); ``"mem_opt"`` = the owner
             keeps the inverses, preconditions its blocks and broadcasts the preconditioned gradients every step
-            (SP-NGD's scheme, Osawa et al. 2019 §4: inverses held once across the ranks).
+            (inverses held once across the ranks); ``"reduce_scatter"`` (ZeRO stage 0 only) = SP-NGD's own schedule
+            (Osawa et al. 2019 §4): DeepSpeed's gradient all-reduce is off, each block's gradient is reduced to its
+            owner during the backward pass (buckets of ``bucket_cap_mb``, overlapped when ``overlap_comm``), the
+            owner preconditions it and broadcasts the result — about the bytes of one all-reduce, and no rank
+            preconditions another's blocks (:mod:`ds_spngd.comm.grad_reduction`).
         comm_dtype: dtype of the packed factor payload: ``"auto"`` (fp32 on gloo, bf16 on NCCL), ``"fp32"``,
             ``"bf16"`` or ``"fp16"`` (fp16 has a 65504 range: a factor mean beyond it is reported as non-finite).
-        bucket_cap_mb: factors are reduced in buckets of at most this many MiB of payload (a larger factor travels
-            alone).
+        bucket_cap_mb: factors (and, in ``reduce_scatter``, gradients) are reduced in buckets of at most this many
+            MiB of payload (a larger factor or layer travels alone).
         overlap_comm: launch each bucket's reduction asynchronously from the hooks as soon as its factors are final
             (A after the forward, G during the backward); the step waits on it only when it needs the factors.
             False launches everything at the step.
@@ -141,7 +145,7 @@ class SPNGDConfig(BaseModel):
     large_dim_method: Literal["block", "diagonal"] = "block"
     memory_check: bool = True
     skip_modules: tuple[str, ...] = ()
-    precondition_mode: Literal["comm_opt", "mem_opt"] = "comm_opt"
+    precondition_mode: Literal["comm_opt", "mem_opt", "reduce_scatter"] = "comm_opt"
     comm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     bucket_cap_mb: float = Field(4.0, gt=0.0)
     overlap_comm: bool = True

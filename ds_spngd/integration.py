@@ -180,6 +180,16 @@ def initialize(
         raise SPNGDConfigError("\n".join([str(err), *unknown_lines])) from None
     if unknown_lines:
         raise SPNGDConfigError("invalid SP-NGD config:\n" + "\n".join(unknown_lines))
+    if spngd_cfg.precondition_mode == "reduce_scatter":
+        if zero_stage(ds_config) != 0:
+            raise SPNGDConfigError(
+                f'optimizer.params.precondition_mode="reduce_scatter" needs zero_optimization.stage=0 (now '
+                f"{zero_stage(ds_config)}): it replaces DeepSpeed's gradient all-reduce, which ZeRO 1/2 turn into "
+                'their own reduce-scatter; use "comm_opt" or "mem_opt" with ZeRO 1/2')
+        if noise_cfg.enabled:
+            raise SPNGDConfigError(
+                'gradient_noise_scale.enabled=true cannot be used with precondition_mode="reduce_scatter": the noise '
+                "scale reads the gradient norms around DeepSpeed's all-reduce, which this mode turns off")
     if "gradient_clipping" not in ds_config:
         ds_config["gradient_clipping"] = 0.0
         logger.info("SP-NGD: gradient_clipping not set; using 0 (DeepSpeed's default 1.0 would rescale gradients)")
@@ -237,6 +247,9 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
       factors, preconditioners, momentum and counters as they were; a skipped step without fp16 (NaN/Inf gradients
       under ZeRO) raises FloatingPointError; timings and bytes go to ``engine.monitor`` under ``SPNGD/...``;
     * ``engine.forward`` / ``engine.backward``: timed (``SPNGD/forward_s``, ``SPNGD/backward_s`` per step);
+    * ``precondition_mode: "reduce_scatter"`` (ZeRO 0, several ranks): DeepSpeed's gradient all-reduce is turned off
+      (``engine.enable_backward_allreduce``) and each backward tells SP-NGD's gradient reducer whether it ends the
+      accumulation cycle (:mod:`ds_spngd.comm.grad_reduction`);
     * ``engine.save_checkpoint`` / ``load_checkpoint``: every rank also writes / reads its SP-NGD shard
       (:data:`SHARD_PATTERN` in the tag directory), so state owned by ranks other than 0 survives at every stage.
     """
@@ -258,6 +271,15 @@ def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
                 times[name] += time.perf_counter() - t0
         return run
 
+    if spngd.grad_reducer is not None:  # precondition_mode "reduce_scatter": SP-NGD reduces the gradients itself
+        engine.enable_backward_allreduce = False
+        reducer, plain_backward = spngd.grad_reducer, engine.backward
+
+        def backward(*a: Any, **k: Any) -> Any:  # the hooks launch buckets only in the boundary backward
+            reducer.arm(engine.is_gradient_accumulation_boundary())
+            return plain_backward(*a, **k)
+
+        engine.backward = backward
     engine.forward = timed("forward_s", engine.forward)
     engine.backward = timed("backward_s", engine.backward)
     _report_skips_as_overflow(engine, spngd)

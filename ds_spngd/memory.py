@@ -12,7 +12,7 @@ Keys:
     ``accumulators``: this step's local factor sums (fp32 B·d² per factor whose hooks fire, refresh steps only);
     ``preconditioners``: inverses / eigenbases (every rank with ``comm_opt``, owners with ``mem_opt``);
     ``comm_buffers``: packed factor payloads in ``comm_dtype`` plus the owners' unpacked fp32 sums (refresh steps),
-        and the per-step direction buffers of ``mem_opt``;
+        and the per-step direction buffers of ``mem_opt`` (and the gradient buckets of ``reduce_scatter``);
     ``momentum``: the heavy-ball buffers (fp32, the optimizer's parameters of the groups with momentum ≠ 0: whole at
         stage 0, each group's partition at ZeRO 1/2);
     ``total``: their sum.
@@ -77,12 +77,14 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
             for f in opt.blocks[i].parts()[k]}
     owned_factors = [f for b in opt.blocks for f in b.factors if f.name in mine]
     owned = [b for i, b in enumerate(opt.blocks) if world == 1 or plan.block_owners[i] == me]
-    mem_opt = opt.cfg.precondition_mode == "mem_opt" and world > 1
+    mem_opt = opt.cfg.precondition_mode in ("mem_opt", "reduce_scatter") and world > 1
     held = owned if mem_opt else list(opt.blocks)
     method = opt.cfg.inverse_method
     elem = torch.empty(0, dtype=opt.reducer.dtype, device="cpu").element_size()
     payload = sum(b.numel for b in opt.reducer.all_buckets) * elem
     directions = 4 * sum(p.numel() for b in opt.blocks for p in b.params) if mem_opt else 0
+    if opt.cfg.precondition_mode == "reduce_scatter" and world > 1:
+        directions *= 2  # and the gradient buckets reduced to the owners
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     return _total({
         "factors": sum(f.nbytes for f in owned_factors),

@@ -13,7 +13,8 @@ Per optimizer step t (Osawa et al. CVPR 2019, arXiv:1811.12019 §3–4; TPAMI 20
    its owner rank (LPT on d³, :mod:`ds_spngd.comm.assignment`), agreed by every rank, and installed from one buffer
    per owner — broadcast to every rank with ``precondition_mode="comm_opt"`` (:mod:`ds_spngd.comm.inversion`);
 4. each preconditioned block's gradient g becomes ĝ = F̂⁻¹ g (by every rank, or by the owner and broadcast with
-   ``"mem_opt"``); parameters without a block keep g;
+   ``"mem_opt"`` and ``"reduce_scatter"``, where the gradients themselves were reduced to the owners instead of
+   all-reduced by DeepSpeed; :mod:`ds_spngd.precondition`); parameters without a block keep g;
 5. KL-clipping, heavy-ball momentum with weight decay, weight rescaling (:mod:`ds_spngd.update`).
 
 A skipped step (``nonfinite: "skip"``) leaves factors, preconditioners, momentum, counters and parameters exactly as
@@ -39,15 +40,17 @@ from ds_spngd import checkpoint
 from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
 from ds_spngd.comm.collectives import backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
-from ds_spngd.comm.inversion import OwnerPlan, distributed_update, plan_owners, share_directions
+from ds_spngd.comm.grad_reduction import GradientReducer
+from ds_spngd.comm.inversion import OwnerPlan, distributed_update, plan_owners
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
 from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
 from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
+from ds_spngd.precondition import directions as block_directions
 from ds_spngd.staleness import RefreshSchedule
-from ds_spngd.update import apply_group, kl_clip_factor, rescale_bounds, rescale_weights
+from ds_spngd.update import apply_group, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
 
@@ -111,6 +114,7 @@ class SPNGD(torch.optim.Optimizer):
         self.ctx.collecting = self.refresh.plan(0)
         self._owners: OwnerPlan | None = None  # inversion (and factor) owners, per block part
         self.reducer: FactorReducer | None = None
+        self.grad_reducer: GradientReducer | None = None  # precondition_mode "reduce_scatter" on several ranks
         self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
                                                                             self._param_names)
         self.dp_group: Any = process_group
@@ -190,8 +194,33 @@ class SPNGD(torch.optim.Optimizer):
         self.reducer.set_due(self.refresh.due_mask())
         if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
             self.grads = PartitionedGradients(self, self.blocks)
+        self._plan_gradient_reduction(group)
         if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
             agree_on_memory(self)
+
+    def _plan_gradient_reduction(self, group: Any) -> None:
+        """``reduce_scatter`` on several ranks: the gradient buckets and their hooks, on a communicator of their own.
+
+        Raises:
+            ValueError: the gradients are ZeRO partitions (the mode needs whole local gradients: ZeRO stage 0).
+        """
+        if self.grad_reducer is not None:
+            self.grad_reducer.remove()
+            self.grad_reducer = None
+        if self.cfg.precondition_mode != "reduce_scatter" or world_size(self.group) == 1:
+            return
+        if self.grads.partitioned:
+            raise ValueError('optimizer.params.precondition_mode="reduce_scatter" needs ZeRO stage 0 (DeepSpeed\'s '
+                             'gradient all-reduce is replaced); use "comm_opt" or "mem_opt" with ZeRO 1/2')
+        assert self._owners is not None
+        self.grad_reducer = GradientReducer(self.blocks, self._owners.block_owners, private_group(group, "gradients"),
+                                            int(self.cfg.bucket_cap_mb * (1 << 20)), self.cfg.overlap_comm)
+
+    def params_without_block(self) -> list[Tensor]:
+        """The optimizer's parameters that no Fisher block preconditions (``param_groups`` order)."""
+        taken = {pos for ps in self._positions for pos in ps}
+        return [p for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])
+                if (gi, pi) not in taken]
 
     @property
     def rank(self) -> int:
@@ -264,39 +293,6 @@ class SPNGD(torch.optim.Optimizer):
         stats["inverse_bytes"] = float(sent)
         stats["inversion_s"] = time.perf_counter() - t0
 
-    def _preconditioned(self, device: torch.device, stats: dict[str, float | Tensor]) -> dict[tuple[int, int], Tensor]:
-        """Update directions per optimizer parameter: F̂⁻¹g for block parameters (KL-clipped when configured)."""
-        assert self._owners is not None
-        ready = self.grads.available([i for i, b in enumerate(self.blocks) if b.has_preconditioner])
-        if not ready:
-            return {}
-        owners = self._owners.block_owners
-        mem_opt = self.cfg.precondition_mode == "mem_opt" and world_size(self.group) > 1
-        grads, sent = self.grads.block_grads(ready, owners if mem_opt else None, self.group)
-        me = self.rank
-        nat: dict[int, list[Tensor]] = {}
-        vg = torch.zeros((), dtype=torch.float64, device=device)
-        for i in ready:
-            if mem_opt and owners[i] != me:
-                continue
-            nat[i] = self.blocks[i].precondition(grads[i])
-            if self.cfg.kl_clip is not None:
-                for v, g in zip(nat[i], grads[i], strict=True):
-                    vg = vg + (v * g.float()).sum().double()
-        if mem_opt:
-            shapes = {i: [tuple(p.shape) for p in self.blocks[i].params] for i in ready}
-            nat, total, shared = share_directions(nat, shapes, owners, vg, self.group, device)
-            vg = total.double()
-            sent += shared
-        stats["precondition_bytes"] = float(sent)
-        if self.cfg.kl_clip is not None:
-            nu = kl_clip_factor(self.cfg.kl_clip, float(self.param_groups[0]["lr"]), vg)
-            stats["kl_clip_nu"] = nu
-            for vs in nat.values():
-                for v in vs:
-                    v.mul_(nu)
-        return self.grads.directions(nat)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply one SP-NGD update (see the module docstring).
@@ -347,11 +343,13 @@ class SPNGD(torch.optim.Optimizer):
         except StepFailure as failure:
             self.reducer.rollback()
             self.refresh.discard()
+            if self.grad_reducer is not None:  # its buckets still complete, so every rank's collectives stay matched
+                self.grad_reducer.discard()
             return self._fail(failure.problems, loss)
         self.reducer.settle()
         self.refresh.apply()
         t0 = time.perf_counter()
-        directions = self._preconditioned(device, stats)
+        directions = block_directions(self, device, stats)
         stats["precondition_s"] = time.perf_counter() - t0
         for gi, group in enumerate(self.param_groups):
             apply_group(group, gi, self.state, directions, cfg.momentum_correction)
@@ -430,6 +428,8 @@ class SPNGD(torch.optim.Optimizer):
         self.ctx.factor_seconds = 0.0
         if self.reducer is not None and self.ctx.collecting:
             self.reducer.discard()
+        if self.grad_reducer is not None:
+            self.grad_reducer.discard()
 
     # ---- DeepSpeed glue hooks ---------------------------------------------------------------------------------
     def set_gradient_accumulation_steps(self, steps: int) -> None:
@@ -479,3 +479,5 @@ class SPNGD(torch.optim.Optimizer):
         for b in self.blocks:
             b.remove()
         self._output_hook.remove()
+        if self.grad_reducer is not None:
+            self.grad_reducer.remove()

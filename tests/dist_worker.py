@@ -202,19 +202,20 @@ def _record(out: dict, engine, model: nn.Module, loss: float) -> None:
     COLLECTIVES.clear()
 
 
-COLLECTIVES: list[tuple[str, int]] = []  # (name, numel) of each torch.distributed collective since the last record
+COLLECTIVES: list[tuple[str, int, int]] = []  # (name, numel, bytes) of each collective since the last record
 
 
 def _count_collectives() -> None:
-    """"count_collectives": record every reduce / all_reduce / broadcast this process issues (SP-NGD's and
-    DeepSpeed's), so a test can check that every rank issued the same sequence per step."""
-    for name in ("reduce", "all_reduce", "broadcast"):
+    """"count_collectives": record every reduce / all_reduce / broadcast / all-gather / reduce-scatter this process
+    issues (SP-NGD's and DeepSpeed's), so a test can check that every rank issued the same sequence per step and
+    count the bytes."""
+    for name in ("reduce", "all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"):
         real = getattr(dist, name)
         if getattr(real, "_counted", False):
             continue
 
         def counted(tensor, *args, _real=real, _name=name, **kwargs):
-            COLLECTIVES.append((_name, int(tensor.numel())))
+            COLLECTIVES.append((_name, int(tensor.numel()), int(tensor.numel() * tensor.element_size())))
             return _real(tensor, *args, **kwargs)
 
         counted._counted = True  # type: ignore[attr-defined]

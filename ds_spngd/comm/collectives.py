@@ -25,7 +25,7 @@ __all__ = ["world_size", "rank", "backend", "broadcast", "all_reduce_sum", "redu
 
 # (default process group, global ranks of a group) → its SP-NGD copy; keyed by the default group so that a process
 # that destroys and re-initializes torch.distributed never reuses a communicator of the old one
-_PRIVATE: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}
+_PRIVATE: dict[tuple[int, tuple[int, ...], str], tuple[Any, Any]] = {}
 
 
 def _initialized() -> bool:
@@ -62,13 +62,14 @@ def group_ranks(group: Any = None) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
-def private_group(group: Any = None) -> Any:
+def private_group(group: Any = None, purpose: str = "spngd") -> Any:
     """SP-NGD's own communicator over the same ranks as ``group`` (None = world); see the module docstring.
 
     A collective call: every process of the world must call it, in the same order (``ds_spngd.initialize`` does,
     on every rank). When the data-parallel groups are strict subgroups (model parallelism), every process creates
     every data-parallel group's copy, as ``torch.distributed.new_group`` requires, and keeps its own. Copies are
-    cached per rank set, so calling it again creates nothing.
+    cached per rank set and ``purpose``, so calling it again creates nothing; another ``purpose`` (e.g.
+    ``"gradients"``, :mod:`ds_spngd.comm.grad_reduction`) gives another communicator over the same ranks.
 
     Returns:
         The private group (the input ``group`` itself on one rank or without torch.distributed).
@@ -77,7 +78,7 @@ def private_group(group: Any = None) -> Any:
         return group
     default = dist.group.WORLD
     mine = tuple(group_ranks(group))
-    key = (id(default), mine)
+    key = (id(default), mine, purpose)
     if key in _PRIVATE:
         return _PRIVATE[key][1]
     if len(mine) == dist.get_world_size():
@@ -87,8 +88,8 @@ def private_group(group: Any = None) -> Any:
         dist.all_gather_object(gathered, list(mine))
         all_sets = sorted({tuple(g) for g in gathered})
     for ranks in all_sets:
-        if (id(default), ranks) not in _PRIVATE:  # the default group is kept with it: its id is never reused
-            _PRIVATE[(id(default), ranks)] = (default, dist.new_group(list(ranks)))
+        if (id(default), ranks, purpose) not in _PRIVATE:  # the default group is kept with it: its id is never reused
+            _PRIVATE[(id(default), ranks, purpose)] = (default, dist.new_group(list(ranks)))
     return _PRIVATE[key][1]
 
 
