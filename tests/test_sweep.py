@@ -215,6 +215,17 @@ def test_measured_noise_scale_prefers_values_at_target() -> None:
     assert report.measured_noise_scale([]) is None
 
 
+def test_retarget_recomputes_steps_from_the_evaluations() -> None:
+    rec = _record("sgd", 1024, 1.0, 0.90, 30)
+    rec["result"].update(target_acc=0.88, steps_per_epoch=48, evals=[[12, 1.5, 0.70], [24, 3.0, 0.81], [36, 4.5, 0.89]])
+    (low,) = report.retarget([rec], 0.80)
+    assert (low["result"]["steps_to_target"], low["result"]["time_to_target_s"]) == (24, 3.0)
+    assert low["result"]["epochs_to_target"] == 0.5 and low["result"]["noise_scale_B_simple_at_target"] is None
+    (high,) = report.retarget([rec], 0.95)
+    assert high["result"]["steps_to_target"] is None and high["result"]["target_acc"] == 0.95
+    assert report.retarget([rec], 0.88)[0] is rec and rec["result"]["steps_to_target"] == 30  # same target: as run
+
+
 def test_largest_stable_batch_is_contiguous_from_the_smallest() -> None:
     acc = {256: 0.900, 1024: 0.897, 4096: 0.894, 16384: 0.899}
     assert report.largest_stable_batch(acc) == 1024  # 4096 is 0.6 pp below: 16384 does not count
@@ -379,3 +390,37 @@ def test_tiny_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert {"SPNGD/optimizer_s", "SPNGD/factor_bytes"} <= by_name["e2e-spngd_b256_lr1_w2"]["history"]
     assert (out / "summary.md").exists() and len(list(out.glob("*.png"))) == 3
     assert f"wandb sync {out}/wandb/offline-run-*" in printed
+
+
+def test_resume_extends_a_sweep_without_relaunching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_sweep with a fake launcher: ok and diverged runs are not launched again on resume, and records of earlier
+    invocations outside the new grid are kept."""
+    launched: list[str] = []
+
+    def fake_launch(cmd: list[str], env: dict[str, str], log_path: Path, port: int, timeout_s: float,
+                    stream: bool = False) -> tuple[str, int, float]:
+        out = Path(cmd[cmd.index("--out-dir") + 1])
+        launched.append(out.name)
+        assert env["WANDB_MODE"] == "offline" and env["WANDB_NAME"] == f"s-{out.name}"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if "_lr2_" in out.name:
+            log_path.write_text("FloatingPointError: non-finite training loss nan\n")
+            return "failed", 2, 0.1
+        out.mkdir(parents=True)
+        (out / "result.json").write_text(json.dumps({"test_top1": 0.9, "steps_to_target": 5, "time_to_target_s": 1.0}))
+        return "ok", 2, 0.1
+
+    monkeypatch.setattr(runner, "launch_run", fake_launch)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base: dict[str, Any] = {"name": "s", "out_dir": tmp_path, "optimizers": ("sgd",), "batches": (256,),
+                            "lr_mults": (1.0, 2.0)}
+    lines: list[str] = []
+    first = runner.run_sweep(runner.SweepSettings(**base), lines.append)
+    assert [o.status for o in first] == ["ok", "diverged"] and launched == ["sgd_b256_lr1_w2", "sgd_b256_lr2_w2"]
+    assert sum(line.startswith("[") for line in lines) == 2
+    more = runner.SweepSettings(**{**base, "batches": (256, 1024), "lr_mults": (1.0,), "resume": True})
+    runner.run_sweep(more, lines.append)
+    assert launched[2:] == ["sgd_b1024_lr1_w2"]  # 256 x1 reused; 256 x2 (diverged) kept, not in this grid
+    ids = [r["run_id"] for r in json.loads((tmp_path / "results.json").read_text())]
+    assert ids == ["sgd_b256_lr1_w2", "sgd_b256_lr2_w2", "sgd_b1024_lr1_w2"]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3  # one line per launch

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ds_spngd.sweep.grid import OPTIMIZERS
-from ds_spngd.sweep.report import load_records, log_to_wandb, write_report
+from ds_spngd.sweep.report import load_records, log_to_wandb, retarget, write_report
 from ds_spngd.sweep.runner import WANDB_MODES, SweepSettings, run_sweep, wandb_mode
 
 __all__ = ["main", "parse_args"]
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--resume", action="store_true", help="keep runs whose result.json exists")
     p.add_argument("--stream", action="store_true", help="show each run's output (tqdm bar) instead of a log file")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from <out>/results.json")
+    p.add_argument("--report-dir", default=None,
+                   help="where summary.md and the figures go (default --out); with --report-only and another "
+                        "--target-acc than the runs', steps/time to target are recomputed from their evaluations")
     args = p.parse_args(argv)
     if not 0 < args.target_acc <= 1:
         p.error(f"--target-acc must lie in (0, 1], got {args.target_acc}")
@@ -66,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep (or only its report); returns the exit status (1 when every run failed)."""
     args, extra = parse_args(argv)
-    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    out = Path(args.out or Path("runs") / "sweeps" / name)
+    out = Path(args.out) if args.out else None
+    saved = json.loads((out / "sweep.json").read_text()) if out and (out / "sweep.json").exists() else {}
+    name = args.name or saved.get("name") or (out.name if out else time.strftime("sweep-%Y%m%d-%H%M%S"))
+    out = out or Path("runs") / "sweeps" / name
     settings = SweepSettings(
         name=name, out_dir=out, optimizers=args.optimizers, batches=args.batches, lr_mults=args.lr_mults,
         worlds=args.worlds, epochs=args.epochs, model=args.model, dataset=args.dataset, target_acc=args.target_acc,
@@ -79,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if not args.report_only:
         run_sweep(settings)
-    records = load_records(out)
-    summary, figures = write_report(records, out, args.target_acc)
+    records = retarget(load_records(out), args.target_acc)
+    report_dir = Path(args.report_dir) if args.report_dir else out
+    summary, figures = write_report(records, report_dir, args.target_acc)
     config = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
-    folder = log_to_wandb(records, figures, out, args.project, name, mode, config=config)
+    config["report_target_acc"] = args.target_acc
+    run_name = f"{name}-summary" if report_dir == out else f"{name}-summary-{report_dir.name}"
+    folder = log_to_wandb(records, figures, out, args.project, name, mode, config=config, name=run_name)
     print(summary.read_text(encoding="utf-8"))
     print(f"\nreport: {summary}; figures: {', '.join(str(f) for f in figures)}")
     if folder is not None:

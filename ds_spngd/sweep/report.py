@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 __all__ = ["aims", "best_by_accuracy", "best_by_steps", "fit_b_noise", "fit_s_min", "largest_stable_batch",
-           "load_records", "log_to_wandb", "make_figures", "measured_noise_scale", "predicted_steps",
+           "load_records", "log_to_wandb", "make_figures", "measured_noise_scale", "predicted_steps", "retarget",
            "write_report"]  # fmt: skip
 
 FIRST_ORDER = ("sgd", "lars", "lamb")
@@ -41,6 +41,25 @@ Key = tuple[str, int]  # (optimizer, world)
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
     """The run records of ``<out>/results.json`` (one per grid point)."""
     return list(json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8")))
+
+
+def retarget(records: Sequence[dict[str, Any]], target_acc: float) -> list[dict[str, Any]]:
+    """Copies of ``records`` whose steps / time / epochs to target are recomputed for ``target_acc`` from each run's
+    evaluations (``result["evals"]``: step, training seconds, top-1), so one sweep can be reported at several targets.
+    B_simple at the target is kept only where the run was measured at that same target."""
+    out = []
+    for r in records:
+        res = r.get("result")
+        if not res or res.get("target_acc") == target_acc:
+            out.append(r)
+            continue
+        hit = next(((int(e[0]), float(e[1])) for e in res.get("evals", []) if e[2] >= target_acc), None)
+        spe = res.get("steps_per_epoch")
+        new = {**res, "target_acc": target_acc, "steps_to_target": hit[0] if hit else None,
+               "time_to_target_s": hit[1] if hit else None,
+               "epochs_to_target": hit[0] / spe if hit and spe else None, "noise_scale_B_simple_at_target": None}
+        out.append({**r, "result": new})
+    return out
 
 
 def _ok(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,6 +178,12 @@ def aims(records: Sequence[dict[str, Any]], world: int, min_batch_for_steps: int
     return {"stable_batch": stable, "best_first_order_stable_batch": best_fo, "stable_ratio": ratio,
             "aim1_met": ratio is not None and ratio >= 4, "steps_ratio": ratios,
             "aim2_met": bool(ratios) and all(v is not None and v <= 0.5 for v in ratios.values())}  # fmt: skip
+
+
+def _ratio_text(v: float | None) -> str:
+    if v is None:
+        return "SP-NGD did not reach the target"
+    return "only SP-NGD reached the target" if v == 0.0 else f"{v:.2f}"
 
 
 def _order(opt: str) -> int:
@@ -335,7 +360,7 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
     for w in sorted({int(r["world"]) for r in _ok(records)}):
         a = aims(records, w)
         stable = ", ".join(f"{_label(records, o)} {v}" for o, v in a["stable_batch"].items())
-        ratios = ", ".join(f"B={b}: {_fmt(v, '.2f')}" for b, v in a["steps_ratio"].items()) or "no batch ≥ 2048"
+        ratios = ", ".join(f"B={b}: {_ratio_text(v)}" for b, v in a["steps_ratio"].items()) or "no batch ≥ 2048"
         lines += ["", f"Aims at world size {w}:",
                   f"- largest batch within 0.5 pp of the smallest batch's top-1: {stable}; SP-NGD / best first-order "
                   f"= {_fmt(a['stable_ratio'], '.2f')} (aim ≥ 4: {'met' if a['aim1_met'] else 'missed'})",
@@ -348,16 +373,17 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
 
 
 def log_to_wandb(records: Sequence[dict[str, Any]], figures: Sequence[Path], out_dir: Path, project: str,
-                 group: str, mode: str, config: dict[str, Any] | None = None) -> str | None:
-    """Log the figures (as ``wandb.Image``) and both tables to a ``summary`` run of the sweep's group; returns the
-    run's local folder (None with mode ``disabled``)."""
+                 group: str, mode: str, config: dict[str, Any] | None = None, name: str | None = None) -> str | None:
+    """Log the figures (as ``wandb.Image``) and both tables to a summary run (``name``, default
+    ``<group>-summary``) of the sweep's group; returns the run's local folder (None with mode ``disabled``)."""
     if mode == "disabled":
         return None
     import wandb
 
     settings = wandb.Settings(silent=True, console="off")
-    run = wandb.init(project=project, group=group, name=f"{group}-summary", job_type="summary", dir=str(out_dir),
-                     mode=cast(Any, mode), config=config or {}, settings=settings)  # mode: runner.wandb_mode's
+    run = wandb.init(project=project, group=group, name=name or f"{group}-summary", job_type="summary",
+                     dir=str(out_dir), mode=cast(Any, mode), config=config or {},  # mode: runner.wandb_mode's
+                     settings=settings)
     run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
     tables = {"summary_table": (SUMMARY_HEADER, summary_rows(records)), "lr_grid": (GRID_HEADER, grid_rows(records))}
     run.log({key: wandb.Table(columns=list[Any](head), data=rows) for key, (head, rows) in tables.items()})

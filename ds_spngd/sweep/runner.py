@@ -215,22 +215,27 @@ def progress_line(i: int, n: int, o: RunOutcome) -> str:
     r = o.result
     steps = r.get("steps_to_target")
     reach = f"target at step {steps} ({r['time_to_target_s']:.1f} s)" if steps is not None else "target not reached"
-    noise = r.get("noise_scale_B_simple")
-    noise_s = f", B_simple {noise:.0f}" if isinstance(noise, (int, float)) else ""
+    noise = r.get("noise_scale_B_simple_at_target")  # the final value is late-training noise (ds_spngd.sweep.report)
+    noise_s = f", B_simple at target {noise:.0f}" if isinstance(noise, (int, float)) else ""
     return f"{head} top-1 {100 * r['test_top1']:.2f}%, {reach}{noise_s}, {o.wall_s:.0f} s"
 
 
 def run_sweep(s: SweepSettings, print_fn: Callable[[str], None] = print) -> list[RunOutcome]:
-    """Run every grid point in turn and return the outcomes (also appended to ``<out>/runs.jsonl``).
+    """Run every grid point in turn and return the outcomes (each launch is also appended to ``<out>/runs.jsonl``).
 
-    A failed or timed-out run is recorded and the sweep goes on. The ``wandb`` section is left out with mode
-    ``disabled``.
+    A failed, diverged or timed-out run is recorded and the sweep goes on. The ``wandb`` section is left out with
+    mode ``disabled``. With ``resume``, a run already recorded in ``<out>/results.json`` as ``ok`` or ``diverged``
+    (or whose ``result.json`` exists) is not launched again, and the records of earlier invocations that are not in
+    this grid are kept: a sweep can be extended by another batch, optimizer or LR multiplier.
     """
     mode = wandb_mode(s.wandb_mode)
     runs = s.grid()
     s.out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_records(s.out_dir) if s.resume else {}
+    records: dict[str, dict[str, Any]] = dict(previous)
+    run_ids = list(dict.fromkeys([*previous, *(r.run_id for r in runs)]))
     (s.out_dir / "sweep.json").write_text(json.dumps({**asdict(s), "out_dir": str(s.out_dir), "wandb_mode": mode,
-                                                       "runs": [r.run_id for r in runs]}, indent=2) + "\n")
+                                                       "runs": run_ids}, indent=2) + "\n")  # fmt: skip
     print_fn(f"sweep {s.name}: {len(runs)} runs, W&B {mode} (project {s.project}, group {s.name}), out {s.out_dir}")
     outcomes = []
     with open(s.out_dir / "runs.jsonl", "a", encoding="utf-8") as jsonl:
@@ -242,7 +247,11 @@ def run_sweep(s: SweepSettings, print_fn: Callable[[str], None] = print) -> list
             out = s.out_dir / "runs" / run.run_id
             log_path = s.out_dir / "logs" / f"{run.run_id}.log"
             result_path = out / "result.json"
-            if s.resume and result_path.exists():
+            old = previous.get(run.run_id)
+            if old is not None and old["status"] in ("ok", "diverged"):
+                outcome = RunOutcome(run, old["status"], old["lr"], old["wall_s"], old["port"], old["log"],
+                                     old["shm_removed"], old["result"])  # fmt: skip
+            elif s.resume and result_path.exists():
                 outcome = RunOutcome(run, "ok", peak_lr(cfg, run.batch), 0.0, 0, str(log_path),
                                      result=json.loads(result_path.read_text()))  # fmt: skip
             else:
@@ -259,15 +268,23 @@ def run_sweep(s: SweepSettings, print_fn: Callable[[str], None] = print) -> list
                 jsonl.write(json.dumps(outcome.record()) + "\n")
                 jsonl.flush()
             outcomes.append(outcome)
-            write_results(s.out_dir, outcomes)
+            records[run.run_id] = outcome.record()
+            write_results(s.out_dir, [records[k] for k in run_ids if k in records])
             print_fn(progress_line(i, len(runs), outcome))
     return outcomes
 
 
-def write_results(out_dir: Path, outcomes: Sequence[RunOutcome]) -> Path:
-    """Write ``<out>/results.json``: one :meth:`RunOutcome.record` per run, in grid order (atomic replace)."""
+def _previous_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    path = out_dir / "results.json"
+    if not path.exists():
+        return {}
+    return {r["run_id"]: r for r in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def write_results(out_dir: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write ``<out>/results.json``: the runs' :meth:`RunOutcome.record` dicts, in grid order (atomic replace)."""
     path = out_dir / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([o.record() for o in outcomes], indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(list(records), indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
