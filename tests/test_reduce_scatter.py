@@ -45,7 +45,7 @@ REFS = {"rs": (1, "ref"), "rs_gas2": (1, "ref"), "rs_eigen": (1, "eigen"), "rs_f
         "rs_resume": (1, "full"), "rs_rank0": (2, "comm_rank0")}
 ONE = {"ref": BASE, "eigen": {**BASE, "inverse_method": "eigen"}, "full": {**BASE, **FULL},
        "bf16": {**BASE, "bf16": True, "damping": 0.3}, "blocked": {**BASE, "max_factor_dim": 6},
-       "omit3": {**BASE, "omit": [3]}}
+       "omit3": {**BASE, "omit": [3]}, "rs1": RS}
 THREE = ["rs", "rs_gas2", "rs_full", "rs_blocked", "rs_bf16"]
 
 
@@ -77,6 +77,11 @@ def test_reduce_scatter_equals_one_rank(runs: dict, name: str, world: int) -> No
         assert all(torch.equal(a, b) for a, b in zip(rec["params"], got["ranks"][0]["params"], strict=True))
     stats = got["stats"][0]
     assert all(s.get("grad_bytes", 0.0) > 0 for s in stats), "the gradients did not go through SP-NGD's reducer"
+
+
+def test_one_rank_is_comm_opt(runs: dict) -> None:
+    """On one rank there is nothing to reduce: the mode is the plain step, bit for bit."""
+    assert all(torch.equal(a, b) for a, b in zip(runs[1]["rs1"]["params"], runs[1]["ref"]["params"], strict=True))
 
 
 def test_buckets_launch_from_the_backward(runs: dict) -> None:
