@@ -21,6 +21,7 @@ A skipped step (``nonfinite: "skip"``) leaves factors, preconditioners, momentum
 they were on every rank and sets ``overflow`` so DeepSpeed counts it like its fp16 overflow skip (no LR-scheduler
 step); more than ``max_consecutive_skips`` in a row raise.
 
+Steps 1–3 and the failure path are :mod:`ds_spngd.transaction`, step 4 is :mod:`ds_spngd.precondition`.
 Every tensor lives on the device of the parameters it serves; the step's host syncs are O(1) (the agreement, and on
 inversion steps the Cholesky status check and the inversion agreement), never per layer. Gradients are reached
 through :mod:`ds_spngd.gradients` (whole parameters at ZeRO stage 0, DeepSpeed's fragment maps at ZeRO 1/2).
@@ -36,12 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ds_spngd import checkpoint
-from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
+from ds_spngd import checkpoint, transaction
+from ds_spngd.comm.agreement import StepFailure
 from ds_spngd.comm.collectives import backend, private_group, rank, world_size
 from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
 from ds_spngd.comm.grad_reduction import GradientReducer
-from ds_spngd.comm.inversion import OwnerPlan, distributed_update, plan_owners
+from ds_spngd.comm.inversion import OwnerPlan, plan_owners
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
@@ -235,64 +236,6 @@ class SPNGD(torch.optim.Optimizer):
         return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     # ---- the step ---------------------------------------------------------------------------------------------
-    def _agree_on_inputs(self, refresh: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
-        """Complete the factor reduction, agree on NaN/Inf and contribution mismatches, commit the factors.
-
-        Raises:
-            StepFailure: the agreed problems (identical on every rank); nothing was committed.
-        """
-        assert self.reducer is not None
-        factors = self.reducer.factors if refresh else []
-        parts = list(self.reducer.complete()) if refresh else []
-        if refresh:
-            rs = self.reducer.stats
-            stats.update(comm_wait_s=rs["wait_s"], comm_launch_s=rs["launch_s"], factor_bytes=rs["payload_bytes"],
-                         factor_dense_bytes=rs["dense_bytes"], buckets_early=rs["buckets_early"],
-                         buckets=rs["buckets"])
-        world = world_size(self.group)
-        changes = self.refresh.change_terms(self.reducer.owned_totals(), world, device) if refresh else []
-        sums = agree([*parts, *changes, self.grads.nonfinite_flags(device)], self.group, device)
-        n, m = len(factors), 3 * len(factors) if changes else 0
-        had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
-        problems = input_problems([f.name for f in factors], late, bad, self.grads.names, grads,
-                                  self.reducer.dtype == torch.float16)
-        if problems:
-            raise StepFailure(problems)
-        if refresh:
-            self.refresh.decide(sums[3 * n : 3 * n + m], had, self.steps)  # stale_statistics' next intervals
-            self.reducer.commit(had, self.cfg.factor_decay)
-            self._report_silent()
-
-    def _report_silent(self) -> None:
-        if self._reported_silent:
-            return
-        self._reported_silent = True
-        silent = [b for b in self.blocks if not b.has_factors]
-        if silent and self.rank == 0:
-            logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
-                           "until they do", len(silent), ", ".join(b.name for b in silent))
-
-    def _refresh_preconditioners(self, invert: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
-        """Inversion transaction (:func:`ds_spngd.comm.inversion.distributed_update`); also (re)builds blocks that
-        have factors but no preconditioner yet (first use, hooks that fired late).
-
-        Raises:
-            StepFailure: an owner failed to build a preconditioner (agreed by every rank); nothing was installed.
-        """
-        assert self._owners is not None
-        todo = [b.has_factors and (inv or not b.has_preconditioner)
-                for b, inv in zip(self.blocks, self.refresh.to_invert(invert), strict=True)]
-        if not any(todo):
-            return
-        t0 = time.perf_counter()
-        sent, problems = distributed_update(self.blocks, todo, self._owners, self.cfg.damping, self.cfg.inverse_method,
-                                            self.group, self.cfg.precondition_mode == "comm_opt", device)
-        if problems:
-            raise StepFailure(problems)
-        self.refresh.inverted(todo)
-        stats["inverse_bytes"] = float(sent)
-        stats["inversion_s"] = time.perf_counter() - t0
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply one SP-NGD update (see the module docstring).
@@ -338,14 +281,14 @@ class SPNGD(torch.optim.Optimizer):
         device = self.device
         assert self.reducer is not None
         try:
-            self._agree_on_inputs(refresh, device, stats)
-            self._refresh_preconditioners(invert, device, stats)
+            transaction.agree_on_inputs(self, refresh, device, stats)
+            transaction.refresh_preconditioners(self, invert, device, stats)
         except StepFailure as failure:
             self.reducer.rollback()
             self.refresh.discard()
             if self.grad_reducer is not None:  # its buckets still complete, so every rank's collectives stay matched
                 self.grad_reducer.discard()
-            return self._fail(failure.problems, loss)
+            return transaction.fail(self, failure.problems, loss)
         self.reducer.settle()
         self.refresh.apply()
         t0 = time.perf_counter()
@@ -376,39 +319,14 @@ class SPNGD(torch.optim.Optimizer):
         """Factor name → its current refresh interval in factor-update slots (``stale_statistics``; 1 otherwise)."""
         return self.refresh.intervals()
 
-    def _fail(self, problems: list[Problem], loss: float | None) -> float | None:
-        """End a step whose problems every rank agreed on: raise the same error everywhere, or skip it."""
-        self.ctx.factor_seconds = 0.0
-        message = describe_problems(self.steps + self.skipped_steps, problems)
-        if any(not p.numerical for p in problems):
-            raise RuntimeError(f"{message}. No parameter was updated.")
-        if self.cfg.nonfinite == "raise":
-            raise FloatingPointError(f"{message}. No parameter was updated; factors and preconditioners are "
-                                     'unchanged (set "nonfinite": "skip" to skip such steps instead).')
-        self.note_skipped(message)
-        return loss
-
     def note_skipped(self, reason: str) -> None:
-        """Count a skipped step (this optimizer's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16).
-
-        Sets ``overflow`` so DeepSpeed's engine counts it as skipped and holds the LR scheduler.
+        """Count a skipped step (this optimizer's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16):
+        :func:`ds_spngd.transaction.note_skipped`.
 
         Raises:
-            FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already (this one would be one
-                more); nothing is counted then.
+            FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already.
         """
-        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            raise FloatingPointError(
-                f"SP-NGD: a step fails after {self.consecutive_skips} consecutive steps (max_consecutive_skips="
-                f"{self.cfg.max_consecutive_skips}) were skipped; the run is not recovering. This one: {reason}")
-        self.overflow = True
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        self.last_skip_reason = reason
-        self._stats = {"skipped": 1.0}
-        if self.rank == 0:
-            logger.warning("SP-NGD skipped a step (%d in a row, %d in all): %s", self.consecutive_skips,
-                           self.skipped_steps, reason)
+        transaction.note_skipped(self, reason)
 
     def _rescale_weights(self, device: torch.device) -> None:
         ids = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]

@@ -210,3 +210,19 @@ def test_two_ranks_agree_on_due_sets_collectives_and_parameters(tmp_path: Path) 
         assert any(0.0 < f < 1.0 for f in fractions)  # partial due sets happened (the test can fail)
         assert any(k > 1 for step in ranks[0]["intervals"] for k in step.values())
         assert len({tuple(c) for c in ranks[0]["collectives"]}) > 1  # the step's collectives follow the due set
+
+
+def test_bucket_plan_cache_stays_bounded() -> None:
+    """Every distinct due set gets a bucket plan; a long stale run makes many, and only the recent ones are kept
+    (the all-factors plan stays). A re-planned due set still buckets exactly its due factors."""
+    from ds_spngd.comm.factor_reduction import PLAN_CACHE
+
+    factors = [SymmetricFactor(f"f{i}", 2) for i in range(7)]
+    reducer = FactorReducer(factors, [0] * 7, bucket_cap_bytes=16)
+    masks = [[bool((k >> i) & 1) or i == 0 for i in range(7)] for k in range(1, 2**6)]
+    for mask in masks + masks[:5]:
+        reducer.set_due(mask)
+        planned = sorted(f.name for b in reducer.buckets for f in b.factors)
+        assert planned == sorted(f.name for f, d in zip(factors, mask, strict=True) if d)
+        assert len(reducer._plans) <= PLAN_CACHE
+    assert None in reducer._plans

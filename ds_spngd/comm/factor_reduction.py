@@ -46,6 +46,7 @@ from ds_spngd.curvature.factor import SymmetricFactor
 __all__ = ["Bucket", "plan_buckets", "FactorReducer", "factor_traffic_bytes", "COMM_DTYPES"]
 
 COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PLAN_CACHE = 32  # bucket plans kept per reducer (one per distinct due set; the all-factors plan is never evicted)
 
 
 @dataclass(eq=False)
@@ -158,6 +159,9 @@ class FactorReducer:
     def _plan(self, due: tuple[bool, ...] | None) -> tuple[list[Bucket], dict[str, int], tuple[int, int]]:
         """(buckets, factor name → bucket index, traffic) of the factors in ``due`` (None = all), cached."""
         if due not in self._plans:
+            if len(self._plans) >= PLAN_CACHE:  # stale statistics make many due sets: keep the recent ones
+                oldest = next(k for k in self._plans if k is not None)
+                del self._plans[oldest]
             keep = [i for i in self._order if due is None or due[i]]
             buckets = plan_buckets([self.factors[i] for i in keep], [self._owner_list[i] for i in keep], self._cap)
             bucket_of = {f.name: k for k, b in enumerate(buckets) for f in b.factors}
