@@ -6,11 +6,14 @@ and removes the /dev/shm buffers DeepSpeed's CPU all-reduce leaves for the run's
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +44,14 @@ def launch_ranks(script: str, ranks: int, out: str) -> list[Any]:
         if p.returncode != 0:
             raise RuntimeError(f"rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def worker_or_launch(args: argparse.Namespace, script: str, worker: Callable[[argparse.Namespace], None],
+                     report: Callable[[argparse.Namespace, list[Any]], None]) -> None:
+    """In a rank (``--worker OUT`` given): run ``worker``. Else launch ``args.ranks`` ranks of ``script`` and hand
+    their records to ``report``."""
+    if args.worker is not None:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory(prefix=Path(script).stem + "_") as out:
+        report(args, launch_ranks(script, args.ranks, out))

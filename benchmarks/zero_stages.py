@@ -28,14 +28,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _ranks import launch_ranks  # benchmarks/ is on sys.path when a script runs
+from _ranks import worker_or_launch  # benchmarks/ is on sys.path when a script runs
 from torch import Tensor
 
 from ds_spngd.models import build_model
@@ -192,12 +191,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="also run every configuration with DeepSpeed bf16")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker is not None:
-        worker(args)
-        return
-    with tempfile.TemporaryDirectory(prefix="zero_stages_") as out:
-        report(args, launch_ranks(__file__, args.ranks, out))
+    worker_or_launch(ap.parse_args(), __file__, worker, report)
 
 
 if __name__ == "__main__":

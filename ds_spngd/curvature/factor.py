@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["SymmetricFactor", "side_layout"]
+__all__ = ["SymmetricFactor", "side_layout", "real_diagonal"]
 
 Count = float | Tensor  # number of examples (or positions) behind a sum: a host number or a 0-d device tensor
 
@@ -58,6 +58,12 @@ def side_layout(size: int, max_dim: int, method: str) -> tuple[int, int]:
         raise ValueError(f"unknown large_dim_method {method!r}")
     blocks = math.ceil(size / max_dim)
     return blocks, math.ceil(size / blocks)
+
+
+def real_diagonal(value: Tensor, size: int) -> Tensor:
+    """The first ``size`` entries of the (block-)diagonal of a B × d × d value: a side's real coordinates, the
+    padding of its last block dropped."""
+    return value.diagonal(dim1=-2, dim2=-1).reshape(-1)[:size]
 
 
 class SymmetricFactor:
@@ -219,7 +225,7 @@ class SymmetricFactor:
 
     def diagonal_of(self, value: Tensor) -> Tensor:
         """The ``size`` real diagonal entries of a B × d × d value of this factor (padding dropped)."""
-        return value.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.size]
+        return real_diagonal(value, self.size)
 
     def mean_trace(self, value: Tensor) -> Tensor:
         """tr(value) / size over the real coordinates, a 0-d tensor (π of factored damping)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ds_spngd.curvature.factor import Count, SymmetricFactor, side_layout
+from ds_spngd.curvature.factor import Count, SymmetricFactor, real_diagonal, side_layout
 
 __all__ = ["ChunkedSide", "Side", "side_factor", "chunks_of", "side_trace"]
 
@@ -117,13 +117,9 @@ class ChunkedSide:
         for k, chunk in enumerate(self.chunks):
             chunk.add_diagonal(flat[k * self.dim : k * self.dim + chunk.size], n_examples)
 
-    def diagonal_of(self, value: Tensor) -> Tensor:
-        """The ``size`` real diagonal entries of a value of this side (padding dropped)."""
-        return value.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.size]
-
     def mean_trace(self, value: Tensor) -> Tensor:
-        """tr(value) / size over the real coordinates, a 0-d tensor."""
-        return self.diagonal_of(value).float().sum() / self.size
+        """tr(value) / size over the real coordinates of a B × b × b value of this side, a 0-d tensor."""
+        return real_diagonal(value, self.size).float().sum() / self.size
 
     @property
     def nbytes(self) -> int:
