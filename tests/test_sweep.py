@@ -168,7 +168,7 @@ def _record(opt: str, batch: int, mult: float, top1: float, steps: float | None,
     micro, gas = micro_layout(batch, world, 2048)
     result = {"test_top1": top1, "steps_to_target": None if steps is None else round(steps),
               "time_to_target_s": None if steps is None else steps * 0.1,
-              "epochs_to_target": None if steps is None else steps / (50_000 // batch),
+              "epochs_to_target": None if steps is None else steps / (50_000 // batch), "steps": 10 * (50_000 // batch),
               "noise_scale_B_simple": -7.0 * b_simple,  # the final estimate: late-training noise, even negative
               "noise_scale_B_simple_at_target": None if steps is None else b_simple}  # fmt: skip
     return {"run_id": f"{opt}_b{batch}_lr{mult:g}_w{world}", "optimizer": opt,

@@ -272,10 +272,13 @@ def make_figures(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (o, w), by_b in sorted(acc.items()):
+    order = lambda kv: (kv[0][1], _order(kv[0][0]))  # noqa: E731
+    for (o, w), by_b in sorted(acc.items(), key=order):
         bs = sorted(by_b)
+        lost = sorted({int(r["batch"]) for r in records if r["optimizer"] == o and int(r["world"]) == w} - set(bs))
+        note = f" (no run finished at B = {', '.join(map(str, lost))})" if lost else ""
         ax.plot(bs, [100 * (1 - by_b[b]["result"]["test_top1"]) for b in bs], "o-", color=COLORS.get(o),
-                label=name(o, w))
+                label=name(o, w) + note)
     ax.set(xscale="log", xlabel="global batch size", ylabel="final test error (%)",
            title="Test error vs batch (best LR per batch)")
     ax.set_xscale("log", base=2)
@@ -284,20 +287,31 @@ def make_figures(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
     paths.append(_save(fig, out_dir / "test_error_vs_batch.png"))
 
     b_noise = measured_noise_scale(records)
-    keys = sorted(steps)
+    keys = sorted(steps, key=lambda k: (k[1], _order(k[0])))
+    swept = sorted({int(r["batch"]) for r in records})
+    lo, hi = (min(swept), max(swept)) if swept else (1, 2)
+    grid = [2 ** (k / 8) for k in range(int(8 * math.log2(lo)), int(8 * math.log2(hi)) + 1)]
     cols = 2 if len(keys) > 1 else 1
     nrows = max(1, math.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False, sharex=True, sharey=True)
     for ax, (o, w) in zip(axes.flat[: len(keys)], keys, strict=True):
         bs = sorted(steps[(o, w)])
         ss = [steps[(o, w)][b]["result"]["steps_to_target"] for b in bs]
-        grid = [2 ** (k / 8) for k in range(int(8 * math.log2(min(bs))), int(8 * math.log2(max(bs))) + 1)]
-        ax.plot(bs, ss, "o-", color=COLORS.get(o), label="measured")
+        ax.plot(bs, ss, "o-", color=COLORS.get(o), label="measured (best LR)")
         ax.plot(grid, [ss[0] * bs[0] / b for b in grid], ":", color="gray", label="perfect scaling")
         if b_noise is not None and b_noise > 0:
             s_min = fit_s_min(bs, ss, b_noise)
             ax.plot(grid, [predicted_steps(s_min, b_noise, b) for b in grid], "--", color="black",
                     label=f"S_min(1+B_noise/B), B_noise={b_noise:.0f}")
+        budget = sorted({(int(r["batch"]), int(r["result"]["steps"])) for r in _ok(records)
+                         if r["optimizer"] == o and int(r["world"]) == w and r["result"].get("steps")})  # fmt: skip
+        if budget:
+            ax.plot(*zip(*budget, strict=True), "-.", color="tab:purple", lw=1, label="steps in the epoch budget")
+        missed = [b for b in swept if b not in steps[(o, w)] and any(
+            r["optimizer"] == o and int(r["world"]) == w and int(r["batch"]) == b for r in records)]
+        if missed:
+            ax.text(0.03, 0.04, "not reached at B = " + ", ".join(map(str, missed)), transform=ax.transAxes,
+                    fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(name(o, w), fontsize=10)
@@ -311,11 +325,11 @@ def make_figures(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
         ax.set_xlabel("global batch size")
     for ax in axes[:, 0]:
         ax.set_ylabel(f"steps to {100 * target_acc:.0f}% top-1")
-    fig.suptitle("Steps to target vs batch (best LR per batch)", fontsize=11)
+    fig.suptitle("Steps to target vs batch", fontsize=11)
     paths.append(_save(fig, out_dir / "steps_to_target_vs_batch.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (o, w), by_b in sorted(steps.items()):
+    for (o, w), by_b in sorted(steps.items(), key=order):
         bs = sorted(by_b)
         ax.plot(bs, [by_b[b]["result"]["time_to_target_s"] for b in bs], "o-", color=COLORS.get(o), label=name(o, w))
     ax.set(xlabel="global batch size", ylabel="training time to target (s)",
@@ -335,11 +349,18 @@ def _legend_or_note(ax: Any) -> None:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    import io
+
     import matplotlib.pyplot as plt
+    from PIL import Image  # a matplotlib dependency
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as img:  # a 256-colour palette keeps a figure well under 100 KB for the repository
+        img.convert("RGB").quantize(colors=256).save(path, optimize=True)
     return path
 
 
