@@ -236,9 +236,9 @@ SUMMARY_HEADER = ["optimizer", "world", "batch", "micro×gas", "lr (best top-1)"
 
 def grid_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One row per run of the grid: optimizer, world, batch, LR multiplier, peak LR, status, final top-1, steps to
-    target, launch wall time."""
+    target, launch wall time; ordered by world size, optimizer, batch and multiplier."""
     rows = []
-    for r in records:
+    for r in sorted(records, key=lambda r: (r["world"], _order(r["optimizer"]), r["batch"], r["lr_mult"])):
         res = r.get("result") or {}
         top1 = res.get("test_top1")
         rows.append([r["optimizer_label"], str(r["world"]), str(r["batch"]), f"{r['lr_mult']:g}", f"{r['lr']:.4g}",
@@ -369,8 +369,10 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, target_acc: f
     figures = make_figures(records, out_dir, target_acc)
     b_noise = measured_noise_scale(records)
     lines = [f"Target: {100 * target_acc:.2f}% test top-1.", "", markdown(SUMMARY_HEADER, summary_rows(records)), ""]
-    lines.append(f"Measured noise scale B_noise = median B_simple at the target over the runs that reached it: "
-                 f"{_fmt(b_noise, '.0f')}.")
+    at_target = any(isinstance(r["result"].get("noise_scale_B_simple_at_target"), (int, float)) for r in _ok(records))
+    where = ("B_simple at the target over the runs that reached it" if at_target else
+             "positive B_simple at the end of the runs (none was measured at this target)")
+    lines.append(f"Measured noise scale B_noise = median {where}: {_fmt(b_noise, '.0f')}.")
     for (o, w), by_b in sorted(best_by_steps(records).items()):
         bs = sorted(by_b)
         ss = [by_b[b]["result"]["steps_to_target"] for b in bs]
