@@ -152,7 +152,7 @@ def test_record_collectives_logs_payloads(single_rank_env: None) -> None:
         dist.all_reduce(torch.ones(3))
         dist.broadcast(torch.ones(2, dtype=torch.bfloat16), 0)
         out = torch.zeros(4)
-        dist.all_gather_into_tensor(out, torch.ones(4))
+        dist.all_gather_single(out, torch.ones(4))
     assert dist.all_reduce is real  # restored
-    assert log.calls == [("all_reduce", 12, 1), ("broadcast", 4, 1), ("all_gather_into_tensor", 16, 1)]
+    assert log.calls == [("all_reduce", 12, 1), ("broadcast", 4, 1), ("all_gather_single", 16, 1)]
     assert log.payload_bytes() == 32 and log.wire_bytes() == 0.0

@@ -9,8 +9,8 @@ collective                 payload n (bytes)             bytes sent per rank, W 
 all_reduce                 the tensor                    2 (W − 1)/W · n  (reduce-scatter + all-gather)
 reduce                     the tensor                    (W − 1)/W · n    (a reduce-scatter to the root)
 broadcast                  the tensor                    (W − 1)/W · n    (scatter + all-gather, amortized)
-all_gather(_into_tensor)   the *output* (W shares)       (W − 1)/W · n
-reduce_scatter(_tensor)    the *input* (W shares)        (W − 1)/W · n
+all_gather(_into_tensor)   the *output* (W shares)       (W − 1)/W · n    (also all_gather_single)
+reduce_scatter(_tensor)    the *input* (W shares)        (W − 1)/W · n    (also reduce_scatter_single)
 =========================  ============================  ==================================================
 
 So one all-reduce of P bytes and a reduce of P to owners plus a broadcast of P from them cost the same, 2(W−1)/W·P:
@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 __all__ = ["CollectiveLog", "ring_bytes", "record_collectives"]
 
-KINDS = ("all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
-         "reduce_scatter")
+KINDS = ("all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+         "reduce_scatter_single", "all_gather", "reduce_scatter")
 
 
 def ring_bytes(kind: str, payload: int, world: int) -> float:
@@ -54,7 +54,7 @@ def _payload(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     if kind in ("all_gather", "reduce_scatter"):  # (list of outputs, input) / (output, list of inputs)
         tensors = first if kind == "all_gather" else (args[1] if len(args) > 1 else kwargs.get("input_list"))
         return sum(t.numel() * t.element_size() for t in (tensors or []))
-    if kind == "reduce_scatter_tensor":  # (output, input)
+    if kind in ("reduce_scatter_tensor", "reduce_scatter_single"):  # (output, input)
         first = args[1] if len(args) > 1 else kwargs.get("input", first)
     return int(first.numel() * first.element_size()) if isinstance(first, torch.Tensor) else 0
 
