@@ -18,7 +18,8 @@ DeepSpeed's BF16_Optimizer at ZeRO 1), and for the device and fault tests:
 * "meta": run the steps (and the checkpoint round trip) with ``torch.set_default_device("meta")``: every tensor the
   library creates without naming a device lands on "meta" and breaks the step (a device slip, caught on CPU);
 * "extra": "never" (an extra Linear whose hooks never fire), "rank0" (used on rank 0 only: its hooks fire on one
-  rank), "twice" (called twice on rank ``inject.rank`` at step ``inject.step``: contributions after its bucket left);
+  rank), "rank0_nograd" (as "rank0", and no gradient at all reaches it on the other ranks), "twice" (called twice
+  on rank ``inject.rank`` at step ``inject.step``: contributions after its bucket left);
 * "inject": {"kind": "factor" | "grad" | "inversion" | "inversion_nan", "rank": r, "step": s, "steps": n}: on rank
   r, from step s for n steps (default 1): scale that rank's micro-batch by 1e19 (its factor statistics overflow,
   the gradients stay finite: LayerNorm follows fc1), multiply one parameter's gradient by Inf before DeepSpeed's
@@ -69,6 +70,8 @@ class Net(nn.Module):
             return out
         if self.mode == "rank0" and self.rank != 0:
             return out + 0.0 * self.extra.weight.sum() + 0.0 * self.extra.bias.sum()  # a gradient, no hook
+        if self.mode == "rank0_nograd" and self.rank != 0:
+            return out  # no gradient at all on the other ranks (None until someone fills it)
         out = out + self.extra(out)
         if self.mode == "twice" and (self.rank, self.step) == self.twice:
             out = out + self.extra(out)

@@ -39,6 +39,11 @@ CASES = {
     "rs_rank0": {**RS, "extra": "rank0"},
     "comm_rank0": {**BASE, "extra": "rank0"},  # its reference: the module's hooks fire on rank 0 only
     "rs_skip": {**RS, "nonfinite": "skip", "inject": {"kind": "grad", "rank": 1, "step": 3}},
+    # one bucket per block, and the first to launch holds a layer with no gradient on rank 1: rank 1's hooks launch
+    # nothing, rank 0's launch everything; the skipped step must still complete every bucket on both
+    "rs_skip_unlaunched": {**RS, "extra": "rank0_nograd", "bucket_cap_mb": 1e-6, "nonfinite": "skip",
+                           "inject": {"kind": "grad", "rank": 1, "step": 3}},
+    "comm_unlaunched_omit3": {**BASE, "extra": "rank0_nograd", "omit": [3]},
 }
 REFS = {"rs": (1, "ref"), "rs_gas2": (1, "ref"), "rs_eigen": (1, "eigen"), "rs_full": (1, "full"),
         "rs_bf16": (1, "bf16"), "rs_no_overlap": (1, "ref"), "rs_blocked": (1, "blocked"),
@@ -111,12 +116,13 @@ def test_same_collectives_and_one_all_reduce_worth_of_bytes(runs: dict) -> None:
             assert wire >= sgd_wire + factor_wire, (wire, sgd_wire, factor_wire, calls)
 
 
-def test_nan_gradient_on_one_rank_skips_the_step_everywhere(runs: dict) -> None:
-    ranks = runs[2]["rs_skip"]["ranks"]
+@pytest.mark.parametrize(("name", "ref"), [("rs_skip", (1, "omit3")),
+                                         ("rs_skip_unlaunched", (2, "comm_unlaunched_omit3"))])
+def test_nan_gradient_on_one_rank_skips_the_step_everywhere(runs: dict, name: str, ref: tuple[int, str]) -> None:
+    ranks = runs[2][name]["ranks"]
     assert all(rec["error"] is None for rec in ranks), [rec["error"] for rec in ranks]
     assert all(rec["skipped"][-1] == 1 for rec in ranks)
-    ref = runs[1]["omit3"]["params"]  # the same run with step 3's batch never seen
-    _close(ref, runs[2]["rs_skip"]["params"], 2e-5)
+    _close(runs[ref[0]][ref[1]]["params"], runs[2][name]["params"], 2e-5)  # as if step 3's batch was never seen
 
 
 def test_refused_with_zero_1_2_and_noise_scale() -> None:

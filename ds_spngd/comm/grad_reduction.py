@@ -182,9 +182,9 @@ class GradientReducer:
         return out
 
     def discard(self) -> None:
-        """Complete and drop this step's reductions (DeepSpeed skipped the step): the collectives stay matched."""
-        if self._flights or self._next:
-            self.complete()
+        """Complete and drop this step's reductions (the step is skipped or fails). Always every bucket: a rank whose
+        hooks launched none must still issue them, or the ranks that did would wait on it."""
+        self.complete()
 
     def average_rest(self, params: Sequence[Tensor]) -> int:
         """Replace each ``p.grad`` (None → zeros) of ``params`` (those without a block) by its mean over the ranks,
