@@ -43,7 +43,7 @@ from ds_spngd.comm.collectives import rank, reduce_sum, wait_all, world_size
 from ds_spngd.comm.packing import pack_symmetric, unpack_symmetric
 from ds_spngd.curvature.factor import SymmetricFactor
 
-__all__ = ["Bucket", "plan_buckets", "FactorReducer", "factor_traffic_bytes", "COMM_DTYPES"]
+__all__ = ["Bucket", "bucket_groups", "plan_buckets", "FactorReducer", "factor_traffic_bytes", "COMM_DTYPES"]
 
 COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLAN_CACHE = 32  # bucket plans kept per reducer (one per distinct due set; the all-factors plan is never evicted)
@@ -64,39 +64,49 @@ class Bucket:
     numel: int = 0
 
 
+def bucket_groups(sizes: Sequence[int], owners: Sequence[int], cap_numel: int) -> list[tuple[int, list[int]]]:
+    """Group items (given in expected readiness order) into per-owner buckets of at most ``cap_numel`` elements.
+
+    One bucket per owner is open at a time; it closes when full (or when the next item would overflow it). An item
+    larger than the cap travels alone. Buckets come in the order their last item is expected to be ready (the
+    factors here, the gradient buckets of :mod:`ds_spngd.comm.grad_reduction`).
+
+    Returns:
+        (owner, item positions) per bucket, in launch order; every item appears in exactly one.
+
+    Raises:
+        ValueError: ``cap_numel`` < 1, or not one owner per item.
+    """
+    if cap_numel < 1:
+        raise ValueError(f"bucket capacity must be at least 1 element, got {cap_numel}")
+    if len(sizes) != len(owners):
+        raise ValueError(f"{len(sizes)} items but {len(owners)} owners")
+    done: list[tuple[int, int, list[int]]] = []  # (position of the last item, owner, items)
+    open_: dict[int, tuple[int, int, list[int]]] = {}  # owner → (last position, numel, items)
+    for pos, (n, o) in enumerate(zip(sizes, owners, strict=True)):
+        last, numel, items = open_.pop(o, (pos, 0, []))
+        if items and numel + n > cap_numel:
+            done.append((last, o, items))
+            numel, items = 0, []
+        items.append(pos)
+        numel += n
+        if numel >= cap_numel:
+            done.append((pos, o, items))
+        else:
+            open_[o] = (pos, numel, items)
+    done += [(last, o, items) for o, (last, _, items) in open_.items()]
+    return [(o, items) for _, o, items in sorted(done, key=lambda t: t[0])]
+
+
 def plan_buckets(factors: Sequence[SymmetricFactor], owners: Sequence[int], cap_numel: int) -> list[Bucket]:
-    """Group factors (given in expected readiness order) into per-owner buckets of at most ``cap_numel`` values.
-
-    One bucket per owner is open at a time; it closes when full (or when the next factor would overflow it). A factor
-    larger than the cap travels alone. Buckets are launched in the order their last factor is expected to be final.
-
-    Args:
-        factors: every factor, in the order their final contributions are expected.
-        owners: owner rank of each factor.
-        cap_numel: bucket capacity in payload elements (≥ 1).
+    """Group factors (given in expected readiness order) into per-owner buckets of at most ``cap_numel`` values
+    (:func:`bucket_groups` on their packed sizes).
 
     Returns:
         The buckets in launch order; every factor appears in exactly one.
     """
-    if cap_numel < 1:
-        raise ValueError(f"bucket capacity must be at least 1 element, got {cap_numel}")
-    if len(factors) != len(owners):
-        raise ValueError(f"{len(factors)} factors but {len(owners)} owners")
-    done: list[tuple[int, Bucket]] = []  # (position of the last factor, bucket)
-    open_: dict[int, tuple[int, Bucket]] = {}
-    for pos, (f, o) in enumerate(zip(factors, owners, strict=True)):
-        last, b = open_.pop(o, (pos, Bucket(owner=o)))
-        if b.factors and b.numel + f.packed_numel > cap_numel:
-            done.append((last, b))
-            b = Bucket(owner=o)
-        b.factors.append(f)
-        b.numel += f.packed_numel
-        if b.numel >= cap_numel:
-            done.append((pos, b))
-        else:
-            open_[o] = (pos, b)
-    done += list(open_.values())
-    return [b for _, b in sorted(done, key=lambda t: t[0])]
+    return [Bucket(o, [factors[i] for i in items], sum(factors[i].packed_numel for i in items))
+            for o, items in bucket_groups([f.packed_numel for f in factors], owners, cap_numel)]
 
 
 def factor_traffic_bytes(factors: Sequence[SymmetricFactor], dtype: torch.dtype = torch.float32) -> tuple[int, int]:

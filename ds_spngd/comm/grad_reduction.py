@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, wait_all, world_size
+from ds_spngd.comm.factor_reduction import bucket_groups
 from ds_spngd.curvature.base import FisherBlock
 
 __all__ = ["GradientReducer", "GradBucket", "plan_grad_buckets"]
@@ -50,31 +51,17 @@ class GradBucket:
 def plan_grad_buckets(blocks: Sequence[FisherBlock], owners: Sequence[int], cap_numel: int) -> list[GradBucket]:
     """Per-owner buckets of at most ``cap_numel`` gradient elements (a larger block travels alone), in launch order:
     blocks in reverse module order (the order their gradients complete in backward), a bucket launched once its last
-    block is complete.
+    block is complete (:func:`ds_spngd.comm.factor_reduction.bucket_groups`).
 
     Raises:
         ValueError: ``cap_numel`` < 1 or one owner per block not given.
     """
-    if cap_numel < 1:
-        raise ValueError(f"bucket capacity must be at least 1 element, got {cap_numel}")
     if len(owners) != len(blocks):
         raise ValueError(f"{len(blocks)} blocks but {len(owners)} owners")
-    done: list[tuple[int, GradBucket]] = []
-    open_: dict[int, tuple[int, GradBucket]] = {}
-    for pos, i in enumerate(range(len(blocks) - 1, -1, -1)):
-        n = sum(p.numel() for p in blocks[i].params)
-        last, b = open_.pop(owners[i], (pos, GradBucket(owners[i])))
-        if b.blocks and b.numel + n > cap_numel:
-            done.append((last, b))
-            b = GradBucket(owners[i])
-        b.blocks.append(i)
-        b.numel += n
-        if b.numel >= cap_numel:
-            done.append((pos, b))
-        else:
-            open_[owners[i]] = (pos, b)
-    done += list(open_.values())
-    return [b for _, b in sorted(done, key=lambda t: t[0])]
+    order = list(range(len(blocks) - 1, -1, -1))
+    sizes = [sum(p.numel() for p in blocks[i].params) for i in order]
+    return [GradBucket(o, [order[k] for k in items], sum(sizes[k] for k in items))
+            for o, items in bucket_groups(sizes, [owners[i] for i in order], cap_numel)]
 
 
 class GradientReducer:
