@@ -51,12 +51,12 @@ def directions(opt: SPNGD, device: torch.device, stats: Stats) -> dict[tuple[int
     if mode == "reduce_scatter":
         assert opt.grad_reducer is not None
         grads = opt.grad_reducer.complete()
-        sent = opt.grad_reducer.average_rest(opt.params_without_block())
-        stats["grad_bytes"] = float(opt.grad_reducer.stats.get("grad_bytes", 0.0) + sent)
+        rest_bytes = opt.grad_reducer.average_rest(opt.params_without_block())
+        stats["grad_bytes"] = float(opt.grad_reducer.stats.get("grad_bytes", 0.0) + rest_bytes)
         for key in ("grad_wait_s", "buckets", "buckets_early"):
             stats[key if key.startswith("grad") else f"grad_{key}"] = opt.grad_reducer.stats.get(key, 0.0)
         ready = list(range(len(opt.blocks)))  # every block travels through its owner
-        plain = {i for i in ready if i not in set(ready_all)}
+        plain = set(ready) - set(ready_all)
         sent = 0
     else:
         ready = opt.grads.available(ready_all)

@@ -108,10 +108,9 @@ def _global_traces(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: Ow
             for f in blocks[i].parts()[k]}
     vec = torch.zeros(len(factors), dtype=torch.float32, device=device)
     # owned factors only: a rank may hold stale values of others' factors (a checkpoint loads every value everywhere)
-    held = [k for k, f in enumerate(factors) if f.name in mine and f.value is not None]
-    if held:
-        vec[held] = torch.stack([factors[k].diagonal_of(factors[k].value).float().sum().to(device)  # type: ignore[arg-type]
-                                 for k in held])
+    traces = {k: t for k, f in enumerate(factors) if f.name in mine and (t := f.trace()) is not None}
+    if traces:
+        vec[list(traces)] = torch.stack(list(traces.values())).to(device)
     all_reduce_sum(vec, group)
     return {f.name: vec[k] for k, f in enumerate(factors)}
 

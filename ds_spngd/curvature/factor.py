@@ -227,6 +227,10 @@ class SymmetricFactor:
         """The ``size`` real diagonal entries of a B × d × d value of this factor (padding dropped)."""
         return real_diagonal(value, self.size)
 
+    def trace(self) -> Tensor | None:
+        """tr(value) over the real coordinates (0-d fp32), None while this rank holds no value."""
+        return None if self.value is None else self.diagonal_of(self.value).float().sum()
+
     def mean_trace(self, value: Tensor) -> Tensor:
         """tr(value) / size over the real coordinates, a 0-d tensor (π of factored damping)."""
         return self.diagonal_of(value).float().sum() / self.size

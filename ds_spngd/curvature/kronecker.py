@@ -301,7 +301,7 @@ class KroneckerBlock(FisherBlock):
 
     def local_traces(self) -> Traces:
         """Factor name → trace over its real coordinates, for the factors whose value this rank holds."""
-        return {f.name: f.diagonal_of(f.value).float().sum() for f in self.factors if f.value is not None}
+        return {f.name: t for f in self.factors if (t := f.trace()) is not None}
 
     def side_values(self) -> tuple[Tensor, Tensor]:
         """The combined (input side, output side) values, B × b × b each, from the factors held here."""
