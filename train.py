@@ -8,14 +8,14 @@ Usage::
         [--image-size S] [--image-backend auto|dali|pil] [--val-fraction F] [--out-dir runs/NAME] [--seed S]
         [--max-steps N] [--bn-recalib-batches K]
 
-The JSON is read here, passed through :func:`ds_spngd.schedules.scaling.resolve_config` (global batch override,
+The JSON is read here, passed through :func:`ds_spngd_lab.schedules.scaling.resolve_config` (global batch override,
 ``batch_scaling`` LR rule, ``"auto"`` scheduler fields) and handed to ``ds_spngd.initialize``. Each optimizer step
 runs ``gradient_accumulation_steps`` micro-batches of ``forward -> engine.backward -> engine.step``. Test top-1 is
 evaluated every ``--eval-interval`` optimizer steps (default: once per epoch) and at the end, sharded over ranks;
 evaluation time is excluded from the reported training wall time. Rank 0 writes ``steps.csv`` and ``result.json`` to
 ``--out-dir`` and prints a result table (with the final gradient noise scale ``noise_scale_B_simple``, and
 ``noise_scale_B_simple_at_target`` at the evaluation that first reached ``--target-acc``, when the config's
-``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.noise_scale`). With DeepSpeed's ``wandb`` monitor
+``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.integrations.deepspeed.noise_scale`). With DeepSpeed's ``wandb`` monitor
 section, rank 0 also writes the run settings and resolved JSON to the W&B run's config, logs ``Train/loss``,
 ``Train/lr`` and ``Train/step`` every step, and finishes the W&B run (DeepSpeed never does) with the result as its
 summary.
@@ -40,12 +40,12 @@ from torch import nn
 from tqdm import tqdm
 
 import ds_spngd
-from ds_spngd.data.fashion_mnist import load_fashion_mnist
-from ds_spngd.data.image_folder import BatchSource, discover, load_image_folder
-from ds_spngd.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
-from ds_spngd.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
-from ds_spngd.models import MODEL_NAMES, build_model
-from ds_spngd.run_log import (
+from ds_spngd_lab.data.fashion_mnist import load_fashion_mnist
+from ds_spngd_lab.data.image_folder import BatchSource, discover, load_image_folder
+from ds_spngd_lab.data.mnist import IMAGE_SHAPE, NUM_CLASSES, load_mnist
+from ds_spngd_lab.data.sampler import BatchPlan, TensorBatches, steps_per_epoch
+from ds_spngd_lab.models import MODEL_NAMES, build_model
+from ds_spngd_lab.run_log import (
     RunResult,
     StepLog,
     active_wandb_run,
@@ -57,7 +57,7 @@ from ds_spngd.run_log import (
     start_ranks,
     write_result,
 )
-from ds_spngd.schedules.scaling import batch_layout, resolve_config
+from ds_spngd_lab.schedules.scaling import batch_layout, resolve_config
 
 EVAL_BATCH = 1000
 DATASETS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}

@@ -10,7 +10,7 @@ Usage::
 Conventions are train.py's: the JSON is read here, batch sizes / ``"auto"`` scheduler fields are resolved (the LR
 schedule spans the run's ``total`` steps: ``--max-steps``, or ``--epochs`` of the train windows), and the dict goes to
 ``ds_spngd.initialize`` (SP-NGD or any DeepSpeed optimizer). Data order is one shared permutation of the training
-windows per epoch (:mod:`ds_spngd.data.text`, :mod:`ds_spngd.data.sampler`): the same ``--seed`` gives every optimizer
+windows per epoch (:mod:`ds_spngd_lab.data.text`, :mod:`ds_spngd_lab.data.sampler`): the same ``--seed`` gives every optimizer
 the same batches. Each optimizer step runs ``gradient_accumulation_steps`` micro-batches of
 ``forward -> engine.backward -> engine.step``; the loss is the mean token cross-entropy (nats). Validation loss (mean
 over the tokens of a fixed subset of validation windows, sharded over ranks) is evaluated at step 0, every
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ds_spngd
-from ds_spngd.data.sampler import BatchPlan
-from ds_spngd.data.text import EvalWindows, TextData, TokenWindows, load_text_data
-from ds_spngd.models.gpt import LM_NAMES, build_lm, lm_logits, param_groups
-from ds_spngd.run_log import StepLog, agreed_step_loss, finish_ranks, read_ds_config, render_table, start_ranks
-from ds_spngd.schedules.scaling import batch_layout, resolve_config
+from ds_spngd_lab.data.sampler import BatchPlan
+from ds_spngd_lab.data.text import EvalWindows, TextData, TokenWindows, load_text_data
+from ds_spngd_lab.models.gpt import LM_NAMES, build_lm, lm_logits, param_groups
+from ds_spngd_lab.run_log import StepLog, agreed_step_loss, finish_ranks, read_ds_config, render_table, start_ranks
+from ds_spngd_lab.schedules.scaling import batch_layout, resolve_config
 
 STEP_KEYS = ("total_num_steps", "total_iters")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ds_spngd.run_log import remove_shm_buffers
+from ds_spngd_lab.run_log import remove_shm_buffers
 
 
 def launch_ranks(script: str, ranks: int, out: str) -> list[Any]:

@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from ds_spngd import SPNGD  # noqa: E402
 from ds_spngd.cost_model import MODES, CostSettings, mode_costs  # noqa: E402
-from ds_spngd.models import build_model  # noqa: E402
+from ds_spngd_lab.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"resnet50": ROOT / "ds_configs" / "spngd.json", "gpt2": ROOT / "ds_configs" / "spngd_gpt.json"}

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ds_spngd.run_log import remove_shm_buffers
+from ds_spngd_lab.run_log import remove_shm_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ds_spngd import SPNGD
 from ds_spngd.config import parse_spngd_params
-from ds_spngd.models import MODEL_NAMES, build_model
+from ds_spngd_lab.models import MODEL_NAMES, build_model
 
 IMAGENET_MODELS = ("resnet18", "resnet50")
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["SPNGDConfig", "SPNGDConfigError", "parse_spngd_params", "zero_stage", "fp16_enabled"]
+__all__ = ["SPNGDConfig", "SPNGDConfigError", "parse_spngd_params"]
 
 
 class SPNGDConfigError(ValueError):
@@ -209,15 +209,3 @@ def parse_spngd_params(params: Any, prefix: str = "optimizer.params") -> SPNGDCo
         raise SPNGDConfigError(_format_errors(err, prefix)) from None
     except ValueError as err:  # model_post_init cross-field checks
         raise SPNGDConfigError(f"invalid SP-NGD config: {prefix}: {err}") from None
-
-
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    """The DeepSpeed JSON's ``zero_optimization.stage`` (0 when the section or the key is missing)."""
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-
-
-def fp16_enabled(ds_config: dict[str, Any]) -> bool:
-    """True when the DeepSpeed JSON enables fp16 (``fp16.enabled``)."""
-    fp16 = ds_config.get("fp16") or {}
-    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))

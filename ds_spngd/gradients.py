@@ -1,76 +1,70 @@
-"""Where the optimizer finds gradients and parameters: the seam that keeps ZeRO out of the curvature math (in the spirit
-of Distributed Shampoo's ``distributor``).
+"""Where the optimizer finds its gradients and parameters: the seam that keeps ZeRO out of the curvature math (in the
+spirit of Distributed Shampoo's ``distributor``).
 
-* :class:`DenseGradients` — ZeRO stage 0 (fp32, or DeepSpeed's bf16 wrapper with fp32 clones): the optimizer's
-  ``param_groups`` hold whole parameters whose ``.grad`` is the global average. Blocks are found by position.
-* :class:`PartitionedGradients` — ZeRO stages 1 and 2 (and DeepSpeed's BF16_Optimizer): each parameter group holds
-  one parameter, this rank's flat fp32 partition of the group; each model parameter's ``_hp_mapping`` (DeepSpeed's
-  fragment map) says which group (``param_group_index``) and which slice of its partition lives here. A block's full
-  gradient is rebuilt by summing zero-padded fragments over the ranks (all-reduce for ``comm_opt``, reduce to the
-  block's owner for ``mem_opt``); the preconditioned result is written back into this rank's slices only, and
-  momentum / weight decay stay elementwise on the partitions with each group's own lr, momentum and weight_decay
-  (ZeRO's memory saving is kept). Chosen over preconditioning before DeepSpeed's reduction (which cannot form
-  KL-clipping's Σ F̂⁻¹g·g of the *averaged* gradient) and over aligning owners with ZeRO's partitions (which cut
-  layers anywhere).
-
-Several parameter groups under ZeRO 1/2 (decay / no-decay recipes; a block's weight and bias may sit in different
-groups). How DeepSpeed 0.19.8 calls ``step()`` (``deepspeed/runtime/zero/stage_1_and_2.py``):
-
-* ``DeepSpeedZeroOptimizer.step`` (l. 3013) first decides overflow / the global norm for all groups (l. 3027–3068;
-  on overflow it returns before any group is stepped), then loops over the groups in order (l. 3075). For group i it
-  builds the flat gradient partition (l. 3104–3119: a fresh tensor), sets ``single_partition_of_fp32_groups[i].grad``
-  (l. 3126), unscales / clips it (l. 3133), calls ``_optimizer_step(i)`` (l. 3139), sets ``.grad = None`` (l. 3141)
-  and copies the fp32 partition into the low-precision partition (l. 3143–3145). Only after the loop are the
-  partitions all-gathered (l. 3155).
-* ``_optimizer_step(i)`` (l. 2967–2987) narrows ``self.optimizer.param_groups`` to ``[original_param_groups[i]]``,
-  calls our ``step()`` once, restores the list, then links the optimizer-state fragments once
-  (``_lazy_init_hp_params_optimizer_state``, l. 852–857).
-
-So on group i's call, groups < i already lost their gradient and groups > i have none yet: no single call sees every
-block, and doing the whole step on the first call is impossible. Design: **defer to the last group's call**. Each
-earlier call only keeps a copy of its group's gradient (:meth:`PartitionedGradients.begin_step`, checked to arrive in
-order 0, 1, …); the last call restores the full ``param_groups`` and the kept gradients and runs SP-NGD's whole step
-once — one agreement, inversion, preconditioning of every block, KL-clipping over all blocks, each group's
-elementwise update — then copies the earlier groups' updated fp32 partitions into DeepSpeed's low-precision
-partitions (the copy DeepSpeed made right after their no-op calls, l. 3143–3145; :attr:`PartitionedGradients.
-write_back`, installed by :func:`ds_spngd.integration.attach`), before DeepSpeed's all-gather. Every rank makes the
-same calls in the same order, so the collectives stay at fixed places; momentum lives in ``state[partition]`` per
-group as before. DeepSpeed's ``BF16_Optimizer`` (bf16, ZeRO 1, fp32 gradient accumulation; ``bf16_optimizer.py``
-l. 414–431) and stage 0 call ``step()`` once with every group, which needs nothing special. DeepSpeed drops empty
-groups (``engine.py`` l. 2348), and so does :class:`ds_spngd.SPNGD`, so group indices agree.
-
-Costs and choices: the kept gradients are copies (one copy of the earlier groups' partitions per step; DeepSpeed
-frees its own right after each call, so the peak is the gradient partitions of all groups, as with one group), which
-keeps them valid whatever buffer DeepSpeed builds them in. KL-clipping's η is ``param_groups[0]["lr"]``, as at stage
-0. Rejected: wrapping DeepSpeed's group loop from ``attach`` (it would re-implement ``_optimizer_step``'s branches —
-torch autocast GradScaler, ZenFlow, CPU offload — and DeepSpeed's fp32 → low-precision copies); merging the groups
-into one for DeepSpeed (schedulers set each group's lr, ratios between groups would be lost). The optimizer-state
-fragments DeepSpeed links after the first group's call are linked again by ``attach`` once the momentum exists.
-
-Both present the same interface to :class:`ds_spngd.SPNGD`.
+:class:`GradientAccess` is the interface the step uses; :class:`DenseGradients` implements it for whole parameters
+(ZeRO stage 0, or any plain ``torch.optim`` use): the optimizer's ``param_groups`` hold whole parameters whose
+``.grad`` is the global average, and blocks are found by position. Engine integrations provide other
+implementations — DeepSpeed's ZeRO 1/2 flat partitions live in :mod:`ds_spngd.integrations.deepspeed.zero` — and
+hand them to :meth:`ds_spngd.SPNGD.setup_distributed`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, world_size
 from ds_spngd.curvature.base import FisherBlock
 
-__all__ = ["DenseGradients", "PartitionedGradients", "is_partitioned"]
+__all__ = ["BlockGrads", "DenseGradients", "GradientAccess", "Groups", "Position"]
 
 Position = tuple[int, int]
 BlockGrads = dict[int, list[Tensor]]
 Groups = list[dict[str, Any]]
 
 
-def is_partitioned(params: Sequence[torch.nn.Parameter]) -> bool:
-    """True when DeepSpeed mapped these model parameters onto flat fp32 partitions (ZeRO 1/2, BF16_Optimizer)."""
-    return any(hasattr(p, "_hp_mapping") for p in params)
+class GradientAccess(Protocol):
+    """How one SP-NGD step reads gradients and writes directions (stage 0: :class:`DenseGradients`; ZeRO 1/2:
+    :class:`ds_spngd.integrations.deepspeed.zero.PartitionedGradients`).
+
+    Attributes:
+        partitioned: True when the gradients are flat partitions (no rank holds a whole local gradient).
+    """
+
+    partitioned: bool
+
+    def begin_step(self, groups: Groups) -> Groups | None:
+        """The groups this ``step()`` call updates, or None when the call only keeps its group's gradient."""
+
+    def end_step(self, completed: bool) -> None:
+        """After the step :meth:`begin_step` released (``completed``: applied or skipped without an exception)."""
+
+    def block_grads(self, ids: Sequence[int], owners: Sequence[int] | None, group: Any) -> tuple[BlockGrads, int]:
+        """Full averaged gradients of blocks ``ids`` (on every rank, or on ``owners[i]``), and bytes communicated."""
+
+    def directions(self, nat: dict[int, list[Tensor]]) -> dict[Position, Tensor]:
+        """Per optimizer parameter position, the update direction before weight decay."""
+
+    def available(self, ids: Sequence[int]) -> list[int]:
+        """The blocks among ``ids`` whose gradients exist this step (identical on every rank)."""
+
+    @property
+    def names(self) -> list[str]:
+        """What each entry of :meth:`nonfinite_flags` is about."""
+
+    def nonfinite_flags(self, device: torch.device) -> Tensor:
+        """1.0 per entry of :attr:`names` whose gradient holds NaN/Inf (no host sync)."""
+
+    def weight(self, block_index: int) -> list[Tensor]:
+        """The fp32 weight tensor(s) of a block that weight rescaling may scale in place."""
+
+    def reduce_squares(self, squares: Tensor, group: Any) -> Tensor:
+        """Sum per-block squared norms of :meth:`weight` over the ranks holding pieces."""
+
+    def momentum_numel(self) -> int:
+        """Elements of the momentum buffers this rank keeps."""
 
 
 class DenseGradients:
@@ -162,219 +156,3 @@ class DenseGradients:
         return sum(p.numel() for g in self.opt.param_groups if float(g["momentum"]) != 0.0 for p in g["params"])
 
 
-class PartitionedGradients:
-    """ZeRO 1/2: each parameter group holds one parameter, this rank's flat fp32 partition of the group (see the module
-    docstring, also for how several groups are stepped).
-
-    Args:
-        optimizer: the SP-NGD optimizer, after DeepSpeed replaced each group's parameters by its flat partition.
-        blocks: the Fisher blocks (their ``params`` are the model's parameters, carrying ``_hp_mapping``).
-
-    Attributes:
-        write_back: ``write_back(i)`` copies group i's fp32 partition into DeepSpeed's low-precision partition; needed
-            when DeepSpeed steps the groups one at a time (set by :func:`ds_spngd.integration.attach`).
-
-    Raises:
-        ValueError: a group that does not hold exactly one flat partition, or a parameter of a block without
-            DeepSpeed's fragment map.
-    """
-
-    partitioned = True
-
-    def __init__(self, optimizer: torch.optim.Optimizer, blocks: Sequence[FisherBlock]) -> None:
-        sizes = [len(g["params"]) for g in optimizer.param_groups]
-        if not sizes or any(n != 1 for n in sizes):
-            raise ValueError("SP-NGD under ZeRO stage 1/2 expects DeepSpeed's layout, one flat fp32 partition per "
-                             f"parameter group; got {sizes} parameter(s) per group")
-        for b in blocks:
-            for p in b.params:
-                if not hasattr(p, "_hp_mapping"):
-                    raise ValueError(f"{b.name}: parameter without DeepSpeed's ZeRO fragment map (_hp_mapping)")
-        self.opt = optimizer
-        self.blocks = blocks
-        self._flats = [g["params"][0] for g in optimizer.param_groups]
-        self._kept: list[tuple[dict[str, Any], Tensor | None]] = []  # this step's earlier groups and their gradients
-        self._deferred = False
-        self.write_back: Callable[[int], None] | None = None
-
-    # ---- several groups: DeepSpeed's one-group-at-a-time calls ----------------------------------------------------
-    def begin_step(self, groups: Groups) -> Groups | None:
-        """Called at the start of every ``step()`` with the optimizer's current ``param_groups``: the groups the step
-        updates now, or None when this call only keeps its group's gradient for the step on the last group's call.
-
-        Raises:
-            RuntimeError: DeepSpeed stepped the groups in another pattern than the one this relies on (one group per
-                call, in order, every group once), or no :attr:`write_back` is installed; raised on every rank alike.
-        """
-        n = len(self._flats)
-        if len(groups) == n:  # every group at once (one group only, BF16_Optimizer, a direct call)
-            self._kept = []
-            return groups
-        which = [k for k, f in enumerate(self._flats) if len(groups) == 1 and groups[0]["params"][0] is f]
-        if which and which[0] == 0:
-            self._kept = []  # a new step (also after one that DeepSpeed abandoned between its calls)
-        if not which or len(self._kept) != which[0] or self.write_back is None:
-            seen, self._kept = len(self._kept), []
-            why = ("no write_back is installed (build the engine with ds_spngd.initialize)" if which and
-                   seen == which[0] else "expected one group per call, in order 0, 1, ..., every group once")
-            raise RuntimeError(
-                f"SP-NGD under ZeRO 1/2 with {n} parameter groups: step() was called with {len(groups)} group(s) "
-                f"(group {which[0] if which else '?'}, after {seen} earlier group(s) of this step); {why}. "
-                "ds_spngd.gradients documents the calling pattern of DeepSpeed 0.19.8 this relies on.")
-        k = which[0]
-        if k < n - 1:
-            grad = self._flats[k].grad
-            self._kept.append((groups[0], None if grad is None else grad.detach().clone()))
-            return None
-        for (_, grad), flat in zip(self._kept, self._flats, strict=False):
-            flat.grad = grad
-        self._deferred = True
-        return [g for g, _ in self._kept] + [groups[0]]
-
-    def end_step(self, completed: bool) -> None:
-        """After the step :meth:`begin_step` released: write the earlier groups' partitions back (when the step
-        completed, applied or skipped) and drop the gradients kept for them, as DeepSpeed had."""
-        if not self._deferred:
-            return
-        kept, self._kept, self._deferred = self._kept, [], False
-        for k in range(len(kept)):
-            self._flats[k].grad = None
-        if completed:
-            assert self.write_back is not None
-            for k in range(len(kept)):
-                self.write_back(k)
-
-    # ---- gradients ------------------------------------------------------------------------------------------------
-    def _flat(self, gi: int) -> Tensor:
-        return self.opt.param_groups[gi]["params"][0]  # type: ignore[no-any-return]
-
-    def _grads(self) -> list[Tensor] | None:
-        """Every group's flat gradient partition, or None when one is missing (ZeRO sets all of them on every
-        rank, so this is identical on all ranks)."""
-        grads = [self._flat(gi).grad for gi in range(len(self.opt.param_groups))]
-        return None if any(g is None for g in grads) else grads  # type: ignore[return-value]
-
-    def _fragments(self, p: Tensor) -> tuple[int, int, int, int] | None:
-        """(group, start in its flat partition, start in the flattened parameter, length) of p's piece here, or
-        None."""
-        m = getattr(p, "_hp_mapping", None)
-        if m is None:
-            return None
-        return (int(m.param_group_index), int(m.hp_fragment_address.start), int(m.lp_fragment_address.start),
-                int(m.hp_fragment_address.numel))
-
-    def block_grads(self, ids: Sequence[int], owners: Sequence[int] | None, group: Any) -> tuple[BlockGrads, int]:
-        """Rebuild the full fp32 gradients of blocks ``ids`` from every rank's fragments.
-
-        Args:
-            ids: block indices (identical on all ranks).
-            owners: None = every rank receives every block (one all-reduce); else the owner group rank per block
-                index, and each owner receives its blocks only (one reduce per owner).
-            group: data-parallel process group.
-
-        Returns:
-            (block index → full gradients, on the ranks that received them; bytes handed to collectives).
-        """
-        grads = self._grads()
-        if grads is None:
-            return {}, 0
-        plan = [(None, list(ids))] if owners is None else [
-            (o, [i for i in ids if owners[i] == o]) for o in range(world_size(group))]
-        out: dict[int, list[Tensor]] = {}
-        sent = 0
-        me = rank(group)
-        for dst, members in plan:
-            if not members:
-                continue
-            params = [p for i in members for p in self.blocks[i].params]
-            buf = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=grads[0].device)
-            off = 0
-            for p in params:
-                frag = self._fragments(p)
-                if frag is not None:
-                    gi, hp, lp, n = frag
-                    buf[off + lp : off + lp + n] = grads[gi][hp : hp + n].float()
-                off += p.numel()
-            if dst is None:
-                all_reduce_sum(buf, group)
-            else:
-                reduce_sum(buf, dst, group)
-            sent += buf.numel() * 4 if world_size(group) > 1 else 0
-            if dst is not None and dst != me and world_size(group) > 1:
-                continue
-            off = 0
-            for i in members:
-                gs = []
-                for p in self.blocks[i].params:
-                    gs.append(buf[off : off + p.numel()].view_as(p))
-                    off += p.numel()
-                out[i] = gs
-        return out, sent
-
-    def available(self, ids: Sequence[int]) -> list[int]:
-        """All of ``ids`` when every group's partition has a gradient this step (ZeRO sets them on every rank), else
-        none."""
-        return list(ids) if self._grads() is not None else []
-
-    def directions(self, nat: dict[int, list[Tensor]]) -> dict[Position, Tensor]:
-        """Per group whose partition holds a block fragment: its gradient with every block fragment replaced by
-        F̂⁻¹g's slice (the other groups keep their gradient)."""
-        grads = self._grads()
-        if grads is None:
-            return {}
-        out: dict[Position, Tensor] = {}
-        for i, vs in nat.items():
-            for p, v in zip(self.blocks[i].params, vs, strict=True):
-                frag = self._fragments(p)
-                if frag is not None:
-                    gi, hp, lp, n = frag
-                    if (gi, 0) not in out:
-                        out[(gi, 0)] = grads[gi].float().clone()
-                    out[(gi, 0)][hp : hp + n] = v.reshape(-1)[lp : lp + n]
-        return out
-
-    @property
-    def names(self) -> list[str]:
-        """What each entry of :meth:`nonfinite_flags` is about: the blocks, then the whole partition."""
-        return [b.name for b in self.blocks] + ["a parameter without a Fisher block (ZeRO partition)"]
-
-    def nonfinite_flags(self, device: torch.device) -> Tensor:
-        """Per block, 1.0 where this rank's fragment of its gradient holds NaN/Inf, then one entry for the whole
-        partition (every group's); on ``device``, no host sync. Summed over ranks by the step's agreement, so a NaN in
-        any rank's partition is seen by all."""
-        flags = torch.zeros(len(self.blocks) + 1, device=device)
-        grads = [g for g in (self._flat(gi).grad for gi in range(len(self.opt.param_groups))) if g is not None]
-        if not grads:
-            return flags
-        frags: list[Tensor] = []
-        owner: list[int] = []
-        for i, b in enumerate(self.blocks):
-            for p in b.params:
-                frag = self._fragments(p)
-                grad = self._flat(frag[0]).grad if frag is not None else None
-                if frag is not None and grad is not None:
-                    frags.append(grad[frag[1] : frag[1] + frag[3]])
-                    owner.append(i)
-        norms = torch._foreach_norm([*frags, *grads], float("inf"))
-        bad = (~torch.isfinite(torch.stack(norms).to(device))).float()
-        flags[-1] = bad[len(frags) :].max()
-        if owner:  # a block's weight and bias fragments: flag the block once
-            flags[:-1].index_add_(0, torch.tensor(owner, device=device), bad[: len(frags)]).clamp_(max=1.0)
-        return flags
-
-    def weight(self, block_index: int) -> list[Tensor]:
-        """This rank's fp32 master fragment of the block's weight (empty when it holds none)."""
-        p = self.blocks[block_index].params[0]
-        frag = self._fragments(p)
-        if frag is None:
-            return []
-        gi, hp, _, n = frag
-        return [self._flat(gi).data[hp : hp + n]]
-
-    def reduce_squares(self, squares: Tensor, group: Any) -> Tensor:
-        """Sum the per-block squared norms of the fragments over the ranks (one small all-reduce)."""
-        return all_reduce_sum(squares, group)  # type: ignore[no-any-return]
-
-    def momentum_numel(self) -> int:
-        """Elements of the momentum buffers this rank keeps: the partitions of the groups with momentum ≠ 0."""
-        return sum(int(g["params"][0].numel()) for g in self.opt.param_groups if float(g["momentum"]) != 0.0)

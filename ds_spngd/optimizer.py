@@ -47,7 +47,7 @@ from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
-from ds_spngd.gradients import DenseGradients, PartitionedGradients, is_partitioned
+from ds_spngd.gradients import DenseGradients, GradientAccess
 from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
 from ds_spngd.precondition import directions as block_directions
 from ds_spngd.staleness import RefreshSchedule
@@ -116,7 +116,7 @@ class SPNGD(torch.optim.Optimizer):
         self._owners: OwnerPlan | None = None  # inversion (and factor) owners, per block part
         self.reducer: FactorReducer | None = None
         self.grad_reducer: GradientReducer | None = None  # precondition_mode "reduce_scatter" on several ranks
-        self.grads: DenseGradients | PartitionedGradients = DenseGradients(self, self._positions, self.blocks,
+        self.grads: GradientAccess = DenseGradients(self, self._positions, self.blocks,
                                                                             self._param_names)
         self.dp_group: Any = process_group
         self.group: Any = None
@@ -163,11 +163,12 @@ class SPNGD(torch.optim.Optimizer):
         return memory_plan(self, rank)
 
     # ---- distributed set-up -----------------------------------------------------------------------------------
-    def setup_distributed(self, group: Any = None) -> None:
+    def setup_distributed(self, group: Any = None, gradients: GradientAccess | None = None) -> None:
         """Plan owners, factor buckets and the gradient access for the data-parallel ``group`` (None = world).
 
         Runs in the constructor and again from :func:`ds_spngd.initialize` once DeepSpeed built the engine (its
-        data-parallel group, ZeRO partitions detected from DeepSpeed's fragment maps on the model's parameters).
+        data-parallel group, and ``gradients`` = the engine's gradient layout, e.g. ZeRO 1/2 partitions; None keeps
+        the current one, :class:`ds_spngd.gradients.DenseGradients` at first).
         A collective on first use of a group: SP-NGD's private communicator is created here
         (:func:`ds_spngd.comm.collectives.private_group`).
 
@@ -193,8 +194,8 @@ class SPNGD(torch.optim.Optimizer):
         if old is not None:
             self.reducer.adopt_counts(old)
         self.reducer.set_due(self.refresh.due_mask())
-        if is_partitioned(self._model_params):  # every parameter: with no Fisher block at all, too
-            self.grads = PartitionedGradients(self, self.blocks)
+        if gradients is not None:  # an engine's own layout (ZeRO 1/2 partitions: ds_spngd.integrations.deepspeed)
+            self.grads = gradients
         self._plan_gradient_reduction(group)
         if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
             agree_on_memory(self)
@@ -216,6 +217,12 @@ class SPNGD(torch.optim.Optimizer):
         assert self._owners is not None
         self.grad_reducer = GradientReducer(self.blocks, self._owners.block_owners, private_group(group, "gradients"),
                                             int(self.cfg.bucket_cap_mb * (1 << 20)), self.cfg.overlap_comm)
+
+    @property
+    def model_parameters(self) -> list[Tensor]:
+        """The parameters the optimizer was built with (the model's, before an engine replaced them by copies or
+        partitions), ``param_groups`` order."""
+        return list(self._model_params)
 
     def params_without_block(self) -> list[Tensor]:
         """The optimizer's parameters that no Fisher block preconditions (``param_groups`` order)."""

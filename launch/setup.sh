@@ -40,11 +40,11 @@ elif command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || sudo -n true 
 else
   echo "Fashion-MNIST: no apt-get usable here (not Debian/Ubuntu, or neither root nor passwordless sudo); $FMNIST_HINT"
 fi
-"$VENV/bin/python" -c "import ds_spngd, deepspeed, torch; from ds_spngd.data.mnist import find_mnist_file; \
+"$VENV/bin/python" -c "import ds_spngd, deepspeed, torch; from ds_spngd_lab.data.mnist import find_mnist_file; \
 print(f'ds_spngd {ds_spngd.__version__}, deepspeed {deepspeed.__version__}, torch {torch.__version__}, MNIST at {find_mnist_file()}')"
-"$VENV/bin/python" -c "import transformers, tokenizers; from ds_spngd.data.text import find_shakespeare_dir; \
+"$VENV/bin/python" -c "import transformers, tokenizers; from ds_spngd_lab.data.text import find_shakespeare_dir; \
 print(f'transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, Shakespeare at {find_shakespeare_dir()}')"
-"$VENV/bin/python" -c "import importlib.metadata as md, wandb, matplotlib; from ds_spngd.data.fashion_mnist import find_fashion_mnist_dir as f
+"$VENV/bin/python" -c "import importlib.metadata as md, wandb, matplotlib; from ds_spngd_lab.data.fashion_mnist import find_fashion_mnist_dir as f
 try: where = f'Fashion-MNIST at {f()}'
 except FileNotFoundError: where = 'no Fashion-MNIST (optional, see above)'
 print(f'pytorch-optimizer {md.version(\"pytorch-optimizer\")}, wandb {wandb.__version__}, matplotlib {matplotlib.__version__}, {where}')"

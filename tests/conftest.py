@@ -6,7 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from harness import remove_shm_buffers
+from tests.support.harness import remove_shm_buffers
 
 
 @pytest.fixture

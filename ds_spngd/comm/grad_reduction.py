@@ -3,7 +3,7 @@ arXiv:1811.12019 §4 and Fig. 3): each layer's gradient goes to the one rank tha
 every rank.
 
 DeepSpeed's gradient all-reduce is off (``engine.enable_backward_allreduce = False``, set by
-:func:`ds_spngd.integration.attach`), so at the accumulation boundary every rank holds its *local* gradients. Then
+:func:`ds_spngd.integrations.deepspeed.engine.attach`), so at the accumulation boundary every rank holds its *local* gradients. Then
 
 1. the blocks' gradients are packed into per-owner buckets (blocks in backward order, ``bucket_cap_mb``) and
    ``reduce``d (SUM) to the block's owner rank — asynchronously from post-accumulate-grad hooks during the boundary

@@ -20,7 +20,7 @@ logger = logging.getLogger("ds_spngd")
 
 MHA_REASON = ("nn.MultiheadAttention calls out_proj functionally (hooks on it never fire) and keeps q/k/v in one "
               "in_proj_weight, so it gets no Fisher block; write attention with nn.Linear q/k/v/out projections and "
-              "F.scaled_dot_product_attention (as ds_spngd.models.gpt does) to precondition it")
+              "F.scaled_dot_product_attention (as ds_spngd_lab.models.gpt does) to precondition it")
 
 
 @dataclass

@@ -1,0 +1,19 @@
+"""Reading the DeepSpeed JSON: the few top-level fields the glue decides on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["zero_stage", "fp16_enabled"]
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The DeepSpeed JSON's ``zero_optimization.stage`` (0 when the section or the key is missing)."""
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def fp16_enabled(ds_config: dict[str, Any]) -> bool:
+    """True when the DeepSpeed JSON enables fp16 (``fp16.enabled``)."""
+    fp16 = ds_config.get("fp16") or {}
+    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))

@@ -1,0 +1,1 @@
+"""Tests of the engine glue ``ds_spngd.integrations`` (DeepSpeed: initialize, ZeRO, faults, replicas, noise scale)."""
