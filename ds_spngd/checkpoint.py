@@ -1,21 +1,22 @@
 """SP-NGD's per-rank checkpoint shards: what each rank saves and how shards from any world size are merged.
 
 Factor values live on their owner rank and, with ``precondition_mode="mem_opt"``, so do preconditioners; every rank
-therefore saves its own shard (:data:`SHARD_PATTERN` next to DeepSpeed's files) and loading merges all of them. The
-merged state is moved to each block's device by :meth:`ds_spngd.curvature.base.FisherBlock.load_state_dict`.
+therefore saves its own shard (:meth:`ds_spngd.SPNGD.spngd_state`, written as :data:`SHARD_PATTERN` next to an
+engine's files) and loading merges all of them (:func:`merge_shards`, applied by
+:meth:`ds_spngd.SPNGD.load_sharded_state`). The merged state is moved to each block's device by
+:meth:`ds_spngd.curvature.base.FisherBlock.load_state_dict`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ds_spngd.comm.collectives import world_size
+from ds_spngd.curvature.base import FisherBlock
+from ds_spngd.staleness import RefreshSchedule
+from ds_spngd.transaction import SkipLedger
 
-if TYPE_CHECKING:
-    from ds_spngd.optimizer import SPNGD
-
-__all__ = ["SHARD_PATTERN", "check_block_names", "merge_shards", "spngd_state", "load_shards"]
+__all__ = ["SHARD_PATTERN", "check_block_names", "load_state", "merge_shards", "pack_state"]
 
 SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
 
@@ -63,34 +64,28 @@ def merge_shards(shards: Sequence[dict[str, Any]], names: Iterable[str]) -> tupl
     return {k: v for k, v in shards[0].items() if k != "blocks"}, merged
 
 
-def spngd_state(opt: SPNGD) -> dict[str, Any]:
-    """SP-NGD's own state on this rank: counters, config, and every block's factors / preconditioner as held here
-    (factor values on their owner only; preconditioners on every rank with comm_opt, owners with mem_opt)."""
-    return {
-        "steps": opt.steps,
-        "skipped_steps": opt.skipped_steps,
-        "consecutive_skips": opt.consecutive_skips,
-        "config": opt.cfg.model_dump(),
-        "world_size": world_size(opt.group),
-        "rank": opt.rank,
-        "blocks": {b.name: b.state_dict() for b in opt.blocks},
-        "refresh": opt.refresh.state_dict(),
-    }
+
+def pack_state(steps: int, ledger: SkipLedger, config: dict[str, Any], world: int, rank: int,
+               blocks: Sequence[FisherBlock], refresh: RefreshSchedule) -> dict[str, Any]:
+    """One rank's shard: counters, config, and every block's factors / preconditioner as held here (factor values on
+    their owner only; preconditioners where the placement keeps them)."""
+    return {"steps": steps, "skipped_steps": ledger.skipped_steps, "consecutive_skips": ledger.consecutive_skips,
+            "config": config, "world_size": world, "rank": rank, "blocks": {b.name: b.state_dict() for b in blocks},
+            "refresh": refresh.state_dict()}
 
 
-def load_shards(opt: SPNGD, shards: list[dict[str, Any]]) -> None:
-    """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size; tensors are moved to each
-    block's device).
+def load_state(shards: Sequence[dict[str, Any]], blocks: Sequence[FisherBlock], ledger: SkipLedger,
+               refresh: RefreshSchedule) -> int:
+    """Restore blocks, skip counters and the refresh schedule from every rank's :func:`pack_state` (any world size);
+    returns the step counter.
 
     Raises:
-        ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
+        ValueError: no shard, shards from different steps, or Fisher blocks that do not match ``blocks``.
     """
-    top, merged = merge_shards(shards, [b.name for b in opt.blocks])
-    for b in opt.blocks:
+    top, merged = merge_shards(shards, [b.name for b in blocks])
+    for b in blocks:
         b.load_state_dict(merged[b.name])
-    opt.steps = int(top["steps"])
-    opt.skipped_steps = int(top.get("skipped_steps", 0))
-    opt.consecutive_skips = int(top.get("consecutive_skips", 0))
-    opt.refresh.load_state_dict(top.get("refresh"))
-    opt.plan_collection()
-
+    ledger.skipped_steps = int(top.get("skipped_steps", 0))
+    ledger.consecutive_skips = int(top.get("consecutive_skips", 0))
+    refresh.load_state_dict(top.get("refresh"))
+    return int(top["steps"])

@@ -4,16 +4,11 @@ Everything here is computed from the optimizer's real block list (:attr:`ds_spng
 the meta device gives without allocating anything) and the LPT owners of :func:`ds_spngd.comm.inversion.plan_parts`
 (one owner per block *part*; the owner of a block's first part is its *block owner*), so the numbers follow the code.
 
-**Collective costs** (bytes each rank sends per collective; for ring algorithms sent = received). W ranks, payload n
-bytes:
-
-* all-reduce: 2(W−1)/W · n (ring reduce-scatter + ring all-gather; Patarasuk & Yuan, JPDC 69(2) 2009; Thakur,
-  Rabenseifner & Gropp, IJHPCA 19(1) 2005);
-* reduce-scatter and all-gather: (W−1)/W · n each;
-* reduce to one rank: counted as a reduce-scatter, (W−1)/W · n (an optimistic figure: NCCL's pipelined ring reduce
-  moves ≈ n per rank; the difference is n/W);
-* broadcast: n per rank (NCCL's pipelined ring broadcast: every rank receives n and all but one forward it; NCCL's
-  bus-bandwidth convention counts broadcast and reduce at factor 1). 0 at W = 1 (the code sends nothing).
+**Collective costs**: the one ring model of :func:`ds_spngd.comm.wire.ring_bytes` (bytes each rank sends; for
+ring algorithms sent = received), also used to log measured collectives: all-reduce 2(W−1)/W · n; reduce,
+broadcast, reduce-scatter and all-gather (W−1)/W · n each (Patarasuk & Yuan, JPDC 69(2) 2009; Thakur, Rabenseifner &
+Gropp, IJHPCA 19(1) 2005); 0 at W = 1. A reduce to one rank is counted as a reduce-scatter and a broadcast as a
+scatter + all-gather (amortized over a pipelined ring).
 
 **Payloads.** P = gradient elements of every optimized parameter, P_blk those of parameters with a Fisher block;
 F = Σ over factors of B·d(d+1)/2 (packed upper triangles, :attr:`SymmetricFactor.packed_numel`) in ``comm_dtype``;
@@ -21,7 +16,7 @@ the preconditioner of part k of a block is :meth:`FisherBlock.part_shapes` in fp
 fp32 (``share_directions``).
 
 **Modes** (per rank; "refresh" = a factor-refresh step, every ``factor_update_steps``; "inversion" every
-``inv_update_steps``):
+``inv_update_steps``; the per-mode terms are methods of the placement strategies, :mod:`ds_spngd.placement`):
 
 * ``sgd``: DeepSpeed's all-reduce of every gradient only: 2(W−1)/W · P · grad_bytes every step.
 * ``comm_opt`` (default): the same all-reduce every step; on refresh steps every factor reduced to its owner,
@@ -62,35 +57,21 @@ from dataclasses import dataclass
 
 from ds_spngd.comm.assignment import block_cost
 from ds_spngd.comm.inversion import OwnerPlan, plan_parts
+from ds_spngd.comm.wire import ring_bytes
 from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.curvature.kronecker import KroneckerBlock
 from ds_spngd.curvature.unit_wise import UnitWiseBlock
+from ds_spngd.placement import PLACEMENTS
 
 __all__ = ["MODES", "INVERSE_FLOPS_PER_D3", "EIGEN_FLOPS_PER_D3", "CLOSED_FORM_FLOPS", "DIAGONAL_FLOPS",
-           "CostSettings", "ModeCost", "Payloads", "all_reduce_bytes", "reduce_scatter_bytes", "broadcast_bytes",
-           "side_apply_flops", "precondition_flops", "part_inversion_flops", "payloads", "mode_costs"]
+           "CostSettings", "ModeCost", "Payloads", "side_apply_flops", "precondition_flops", "part_inversion_flops",
+           "payloads", "mode_costs"]
 
-MODES = ("sgd", "comm_opt", "mem_opt", "reduce_scatter")
+MODES = ("sgd", *PLACEMENTS)
 INVERSE_FLOPS_PER_D3 = 10.0 / 3.0  # Cholesky 1/3 + triangular solve against I 1 + GEMM L⁻ᵀL⁻¹ 2 (linalg.InverseJob)
 EIGEN_FLOPS_PER_D3 = 9.0  # symmetric eigendecomposition with eigenvectors (Golub & Van Loan, §8.3)
 CLOSED_FORM_FLOPS = {1: 2.0, 2: 10.0}  # per unit-wise unit: add + reciprocal (1×1); damping, det, 3 divides (2×2)
 DIAGONAL_FLOPS = 2.0  # per entry of a diagonal side: damping add + reciprocal
-
-
-def all_reduce_bytes(payload: float, world: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of ``payload`` bytes: 2(W−1)/W · payload."""
-    return 2.0 * (world - 1) / world * payload
-
-
-def reduce_scatter_bytes(payload: float, world: int) -> float:
-    """Bytes each rank sends in a ring reduce-scatter (or all-gather, or a reduce counted as one): (W−1)/W ·
-    payload, with ``payload`` the bytes of the whole (unscattered) buffer."""
-    return (world - 1) / world * payload
-
-
-def broadcast_bytes(payload: float, world: int) -> float:
-    """Bytes each rank receives in a pipelined ring broadcast of ``payload`` bytes: payload (0 at one rank)."""
-    return float(payload) if world > 1 else 0.0
 
 
 def side_apply_flops(blocks: int, dim: int, n: int) -> float:
@@ -265,35 +246,22 @@ def mode_costs(blocks: Sequence[FisherBlock], grad_numel: int, world: int,
     plan = plan_parts(blocks, world)
     pay = payloads(blocks, grad_numel, plan, s.method)
     w = world
-    grads = all_reduce_bytes(pay.grad_numel * s.grad_bytes, w)
-    factors = reduce_scatter_bytes(pay.factor_numel * s.factor_bytes, w)
-    every_precond = broadcast_bytes(pay.precond_numel * s.precond_bytes, w)
-    moved_precond = broadcast_bytes(pay.moved_precond_numel * s.precond_bytes, w)
-    directions = broadcast_bytes((pay.block_numel + w) * s.direction_bytes, w)
-    rs_step = (reduce_scatter_bytes(pay.block_numel * s.grad_bytes, w)
-               + all_reduce_bytes((pay.grad_numel - pay.block_numel) * s.grad_bytes, w)
-               + reduce_scatter_bytes(pay.block_numel * s.direction_bytes, w))
-
+    factors = ring_bytes("reduce", pay.factor_numel * s.factor_bytes, w)
     pre = [precondition_flops(b, s.method) for b in blocks]
-    per_owner = [0.0] * w
-    for i, f in enumerate(pre):
-        per_owner[plan.block_owners[i]] += f
     inv = [0.0] * w
     for j, (i, k) in enumerate(plan.jobs):
         inv[plan.owners[j]] += part_inversion_flops(blocks[i], k, s.method)
     loads = plan.assignment.loads
     costs = [block_cost([(f.blocks, f.dim) for f in blocks[i].parts()[k]]) for i, k in plan.jobs]
     bound = max(sum(loads) / w, max(costs, default=0.0))
-
-    def cost(mode: str, step: float, refresh: float, inversion: float, flops: float) -> ModeCost:
-        spngd = mode != "sgd"
-        return ModeCost(mode, w, step, refresh, inversion, s.factor_update_steps, s.inv_update_steps, flops,
-                        max(inv) if spngd else 0.0, plan.assignment.imbalance if spngd else 1.0,
-                        max(loads) / bound if spngd and bound > 0 else 1.0, len(set(plan.owners)) if spngd else 0)
-
-    return {
-        "sgd": cost("sgd", grads, 0.0, 0.0, 0.0),
-        "comm_opt": cost("comm_opt", grads, factors, every_precond, sum(pre)),
-        "mem_opt": cost("mem_opt", grads + directions, factors, moved_precond, max(per_owner)),
-        "reduce_scatter": cost("reduce_scatter", rs_step, factors, moved_precond, max(per_owner)),
-    }
+    out = {"sgd": ModeCost("sgd", w, ring_bytes("all_reduce", pay.grad_numel * s.grad_bytes, w), 0.0, 0.0,
+                           s.factor_update_steps, s.inv_update_steps, 0.0, 0.0, 1.0, 1.0, 0)}
+    for mode, cls in PLACEMENTS.items():
+        placement = cls()
+        out[mode] = ModeCost(
+            mode, w, placement.step_bytes(pay.grad_numel, pay.block_numel, s.grad_bytes, s.direction_bytes, w),
+            factors, placement.inversion_bytes(pay.precond_numel * s.precond_bytes,
+                                               pay.moved_precond_numel * s.precond_bytes, w),
+            s.factor_update_steps, s.inv_update_steps, placement.precondition_flops(pre, plan.block_owners, w),
+            max(inv), plan.assignment.imbalance, max(loads) / bound if bound > 0 else 1.0, len(set(plan.owners)))
+    return out

@@ -12,7 +12,7 @@ Keys:
     ``accumulators``: this step's local factor sums (fp32 B·d² per factor whose hooks fire, refresh steps only);
     ``preconditioners``: inverses / eigenbases (every rank with ``comm_opt``, owners with ``mem_opt``);
     ``comm_buffers``: packed factor payloads in ``comm_dtype`` plus the owners' unpacked fp32 sums (refresh steps),
-        and the per-step direction buffers of ``mem_opt`` (and the gradient buckets of ``reduce_scatter``);
+        and the placement's per-step direction buffers (:meth:`ds_spngd.placement.Placement.direction_buffer_bytes`);
     ``momentum``: the heavy-ball buffers (fp32, the optimizer's parameters of the groups with momentum ≠ 0: whole at
         stage 0, each group's partition at ZeRO 1/2);
     ``total``: their sum.
@@ -20,20 +20,44 @@ Keys:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from ds_spngd.comm.collectives import all_reduce_sum, backend, world_size
-from ds_spngd.comm.inversion import plan_parts
-
-if TYPE_CHECKING:
-    from ds_spngd.optimizer import SPNGD
+from ds_spngd.comm.factor_reduction import FactorReducer
+from ds_spngd.comm.inversion import OwnerPlan, plan_parts
+from ds_spngd.config import SPNGDConfig
+from ds_spngd.curvature.base import FisherBlock
+from ds_spngd.gradients import GradientAccess
+from ds_spngd.placement import make_placement
 
 __all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "memory_problem",
            "agree_on_memory", "block_bytes", "free_bytes", "plans_per_rank"]
 
 CATEGORIES = ("factors", "accumulators", "preconditioners", "comm_buffers", "momentum")
+
+
+class PlannedOptimizer(Protocol):
+    """The public face of :class:`ds_spngd.SPNGD` these plans read."""
+
+    cfg: SPNGDConfig
+    blocks: list[FisherBlock]
+    state: Any
+    grads: GradientAccess
+    group: Any
+
+    @property
+    def reducer(self) -> FactorReducer | None: ...
+
+    @property
+    def owner_plan(self) -> OwnerPlan | None: ...
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 def _total(out: dict[str, int]) -> dict[str, int]:
@@ -45,7 +69,7 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def memory_usage(opt: SPNGD) -> dict[str, int]:
+def memory_usage(opt: PlannedOptimizer) -> dict[str, int]:
     """Bytes of SP-NGD state this rank holds now, by category (see the module docstring)."""
     factors = [f for b in opt.blocks for f in b.factors]
     momentum = sum(_nbytes(s.get("momentum_buffer")) for s in opt.state.values())
@@ -58,7 +82,7 @@ def memory_usage(opt: SPNGD) -> dict[str, int]:
     })
 
 
-def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -> dict[str, int]:
+def memory_plan(opt: PlannedOptimizer, rank: int | None = None, world: int | None = None) -> dict[str, int]:
     """Bytes rank ``rank`` (default: this one) holds on a refresh + inversion step, computed from shapes alone.
 
     Args:
@@ -69,22 +93,20 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
 
     Assumes every block's hooks fire (accumulators for every factor) and every parameter gets a gradient.
     """
-    assert opt.reducer is not None and opt._owners is not None
-    plan = opt._owners if world is None else plan_parts(opt.blocks, world)
+    assert opt.reducer is not None and opt.owner_plan is not None
+    plan = opt.owner_plan if world is None else plan_parts(opt.blocks, world)
     world = len(plan.assignment.loads)
+    placement = make_placement(opt.cfg.precondition_mode, world)
     me = (opt.rank if rank is None else rank) % world
     mine = {f.name for j, (i, k) in enumerate(plan.jobs) if world == 1 or plan.owners[j] == me
             for f in opt.blocks[i].parts()[k]}
     owned_factors = [f for b in opt.blocks for f in b.factors if f.name in mine]
     owned = [b for i, b in enumerate(opt.blocks) if world == 1 or plan.block_owners[i] == me]
-    mem_opt = opt.cfg.precondition_mode in ("mem_opt", "reduce_scatter") and world > 1
-    held = owned if mem_opt else list(opt.blocks)
+    held = list(opt.blocks) if placement.shares_preconditioners else owned
     method = opt.cfg.inverse_method
     elem = torch.empty(0, dtype=opt.reducer.dtype, device="cpu").element_size()
     payload = sum(b.numel for b in opt.reducer.all_buckets) * elem
-    directions = 4 * sum(p.numel() for b in opt.blocks for p in b.params) if mem_opt else 0
-    if opt.cfg.precondition_mode == "reduce_scatter" and world > 1:
-        directions *= 2  # and the gradient buckets reduced to the owners
+    directions = placement.direction_buffer_bytes(sum(p.numel() for b in opt.blocks for p in b.params))
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     return _total({
         "factors": sum(f.nbytes for f in owned_factors),
@@ -95,12 +117,12 @@ def memory_plan(opt: SPNGD, rank: int | None = None, world: int | None = None) -
     })
 
 
-def plans_per_rank(opt: SPNGD) -> list[dict[str, int]]:
+def plans_per_rank(opt: PlannedOptimizer) -> list[dict[str, int]]:
     """:func:`memory_plan` of every rank of the optimizer's group (computed locally: shapes and owners only)."""
     return [memory_plan(opt, r) for r in range(world_size(opt.group))]
 
 
-def block_bytes(opt: SPNGD) -> list[tuple[str, int]]:
+def block_bytes(opt: PlannedOptimizer) -> list[tuple[str, int]]:
     """Per block, the fp32 bytes of its factors and preconditioner (one copy each), largest first."""
     method = opt.cfg.inverse_method
     sizes = [(b.name, sum(f.nbytes for f in b.factors)
@@ -122,12 +144,12 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def memory_problem(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> str | None:
+def memory_problem(opt: PlannedOptimizer, free: int | None = None, margin: float = 0.9) -> str | None:
     """Why the SP-NGD state planned for the busiest rank does not fit the memory free now, or None when it fits.
 
     Computed before the first step, i.e. before any factor, accumulator or preconditioner is allocated. The plans
     come from the shapes (every rank computes every rank's), but free memory is read locally, so ranks may differ:
-    the optimizer agrees on the answer with one reduced flag before raising (:meth:`SPNGD.setup_distributed`).
+    the optimizer agrees on the answer with one reduced flag before raising (:func:`agree_on_memory`).
 
     Args:
         opt: the optimizer.
@@ -157,7 +179,7 @@ def memory_problem(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> 
         "this check.")
 
 
-def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> None:
+def check_memory(opt: PlannedOptimizer, free: int | None = None, margin: float = 0.9) -> None:
     """Raise :class:`MemoryError` with :func:`memory_problem`'s message when the plan does not fit (this rank's
     view; the optimizer itself agrees across ranks first)."""
     problem = memory_problem(opt, free, margin)
@@ -165,7 +187,7 @@ def check_memory(opt: SPNGD, free: int | None = None, margin: float = 0.9) -> No
         raise MemoryError(problem)
 
 
-def agree_on_memory(opt: SPNGD) -> None:
+def agree_on_memory(opt: PlannedOptimizer) -> None:
     """Raise MemoryError on every rank together when the planned state does not fit some rank's free memory
     (:func:`ds_spngd.memory.memory_problem`; free memory is local, so the answer is agreed by one all-reduce)."""
     problem = memory_problem(opt)

@@ -21,10 +21,12 @@ A skipped step (``nonfinite: "skip"``) leaves factors, preconditioners, momentum
 they were on every rank and sets ``overflow`` so DeepSpeed counts it like its fp16 overflow skip (no LR-scheduler
 step); more than ``max_consecutive_skips`` in a row raise.
 
-Steps 1–3 and the failure path are :mod:`ds_spngd.transaction`, step 4 is :mod:`ds_spngd.precondition`.
-Every tensor lives on the device of the parameters it serves; the step's host syncs are O(1) (the agreement, and on
-inversion steps the Cholesky status check and the inversion agreement), never per layer. Gradients are reached
-through :mod:`ds_spngd.gradients` (whole parameters at ZeRO stage 0, DeepSpeed's fragment maps at ZeRO 1/2).
+Steps 1–3 and the failure path are :mod:`ds_spngd.transaction`, step 4 is the placement strategy of
+``precondition_mode`` (:mod:`ds_spngd.placement`), step 5 :mod:`ds_spngd.update`. Every tensor lives on the device of
+the parameters it serves; the step's host syncs are O(1) (the agreement, and on inversion steps the Cholesky status
+check and the inversion agreement), never per layer. Gradients are reached through a
+:class:`ds_spngd.gradients.GradientAccess` (whole parameters by default; an engine integration hands in its own,
+e.g. ZeRO 1/2 partitions from :mod:`ds_spngd.integrations.deepspeed.zero`).
 """
 
 from __future__ import annotations
@@ -37,20 +39,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ds_spngd import checkpoint, transaction
+from ds_spngd.checkpoint import check_block_names, load_state, pack_state
 from ds_spngd.comm.agreement import StepFailure
-from ds_spngd.comm.collectives import backend, private_group, rank, world_size
-from ds_spngd.comm.factor_reduction import COMM_DTYPES, FactorReducer
-from ds_spngd.comm.grad_reduction import GradientReducer
-from ds_spngd.comm.inversion import OwnerPlan, plan_owners
+from ds_spngd.comm.collectives import rank, world_size
+from ds_spngd.comm.factor_reduction import FactorReducer
+from ds_spngd.comm.inversion import OwnerPlan
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks
+from ds_spngd.distributed import DistributedPlan, plan_distributed
 from ds_spngd.gradients import DenseGradients, GradientAccess
 from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
-from ds_spngd.precondition import directions as block_directions
+from ds_spngd.placement import DirectionInputs, Placement, directions
 from ds_spngd.staleness import RefreshSchedule
+from ds_spngd.transaction import LedgerField, SkipLedger, agree_on_inputs, refresh_preconditioners
 from ds_spngd.update import apply_group, rescale_bounds, rescale_weights
 
 __all__ = ["SPNGD"]
@@ -113,20 +116,13 @@ class SPNGD(torch.optim.Optimizer):
         self.refresh = RefreshSchedule(self.blocks, cfg.factor_update_steps, cfg.stale_statistics, cfg.stale_tolerance,
                                        cfg.stale_max_interval, cfg.factor_decay)  # which factors refresh when
         self.ctx.collecting = self.refresh.plan(0)
-        self._owners: OwnerPlan | None = None  # inversion (and factor) owners, per block part
-        self.reducer: FactorReducer | None = None
-        self.grad_reducer: GradientReducer | None = None  # precondition_mode "reduce_scatter" on several ranks
-        self.grads: GradientAccess = DenseGradients(self, self._positions, self.blocks,
-                                                                            self._param_names)
+        self._dist: DistributedPlan | None = None  # owners, factor reducer, placement (setup_distributed)
+        self.grads: GradientAccess = DenseGradients(self, self._positions, self.blocks, self._param_names)
+        self.ledger = SkipLedger(cfg.nonfinite, cfg.max_consecutive_skips)
         self.dp_group: Any = process_group
         self.group: Any = None
-        self.setup_distributed(process_group)
         self.steps = 0
-        self.suspended = False
-        self.overflow = False
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.last_skip_reason = ""
+        self.setup_distributed(process_group)
         self._reported_silent = False
         self._rescale_bound: Tensor | None = None
         self._stats: dict[str, float | Tensor] = {}
@@ -164,59 +160,56 @@ class SPNGD(torch.optim.Optimizer):
 
     # ---- distributed set-up -----------------------------------------------------------------------------------
     def setup_distributed(self, group: Any = None, gradients: GradientAccess | None = None) -> None:
-        """Plan owners, factor buckets and the gradient access for the data-parallel ``group`` (None = world).
+        """Plan owners, factor buckets, the placement and the gradient access for the data-parallel ``group``.
 
-        Runs in the constructor and again from :func:`ds_spngd.initialize` once DeepSpeed built the engine (its
-        data-parallel group, and ``gradients`` = the engine's gradient layout, e.g. ZeRO 1/2 partitions; None keeps
-        the current one, :class:`ds_spngd.gradients.DenseGradients` at first).
-        A collective on first use of a group: SP-NGD's private communicator is created here
+        Runs in the constructor (``group`` None = world) and again from an engine integration once the engine is
+        built (:func:`ds_spngd.initialize`: DeepSpeed's data-parallel group, and ``gradients`` = the engine's gradient
+        layout, e.g. ZeRO 1/2 partitions; None keeps the current one, :class:`ds_spngd.gradients.DenseGradients` at
+        first). A collective on first use of a group: SP-NGD's private communicator is created here
         (:func:`ds_spngd.comm.collectives.private_group`).
 
         Raises:
             RuntimeError: after the first step (re-planning then would change the collective order mid-run).
+            ValueError: the placement cannot work with these gradients (``reduce_scatter`` with ZeRO partitions).
             MemoryError: ``memory_check`` and the planned SP-NGD state does not fit the memory free on the device
                 (:func:`ds_spngd.memory.check_memory`).
         """
-        if self.reducer is not None and (self.steps > 0 or self.reducer.in_flight):
+        if self._dist is not None and (self.steps > 0 or self._dist.reducer.in_flight):
             raise RuntimeError("setup_distributed() must run before the first optimizer step")
-        cfg = self.cfg
-        self.dp_group = group
-        self.group = private_group(group)
-        self._owners = plan_owners(self.blocks, self.group)
-        factors = [f for b in self.blocks for f in b.factors]
-        owners = self._owners.factor_owners(self.blocks)
-        dtype_name = cfg.comm_dtype
-        if dtype_name == "auto":
-            dtype_name = "bf16" if "nccl" in backend(self.group) else "fp32"
-        old = self.reducer
-        self.reducer = FactorReducer(factors, owners, self.group, COMM_DTYPES[dtype_name],
-                                     int(cfg.bucket_cap_mb * (1 << 20)), cfg.overlap_comm)
-        if old is not None:
-            self.reducer.adopt_counts(old)
-        self.reducer.set_due(self.refresh.due_mask())
-        if gradients is not None:  # an engine's own layout (ZeRO 1/2 partitions: ds_spngd.integrations.deepspeed)
+        if gradients is not None:
             self.grads = gradients
-        self._plan_gradient_reduction(group)
-        if cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
+        self.dp_group = group
+        self._dist = plan_distributed(self.blocks, self.cfg, self.refresh, group, self.grads, self._dist)
+        self.group = self._dist.group
+        if self.cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
             agree_on_memory(self)
 
-    def _plan_gradient_reduction(self, group: Any) -> None:
-        """``reduce_scatter`` on several ranks: the gradient buckets and their hooks, on a communicator of their own.
+    @property
+    def owner_plan(self) -> OwnerPlan | None:
+        """Who owns which block part (:class:`ds_spngd.comm.inversion.OwnerPlan`; identical on every rank)."""
+        return None if self._dist is None else self._dist.owners
 
-        Raises:
-            ValueError: the gradients are ZeRO partitions (the mode needs whole local gradients: ZeRO stage 0).
-        """
-        if self.grad_reducer is not None:
-            self.grad_reducer.remove()
-            self.grad_reducer = None
-        if self.cfg.precondition_mode != "reduce_scatter" or world_size(self.group) == 1:
-            return
-        if self.grads.partitioned:
-            raise ValueError('optimizer.params.precondition_mode="reduce_scatter" needs ZeRO stage 0 (DeepSpeed\'s '
-                             'gradient all-reduce is replaced); use "comm_opt" or "mem_opt" with ZeRO 1/2')
-        assert self._owners is not None
-        self.grad_reducer = GradientReducer(self.blocks, self._owners.block_owners, private_group(group, "gradients"),
-                                            int(self.cfg.bucket_cap_mb * (1 << 20)), self.cfg.overlap_comm)
+    @property
+    def reducer(self) -> FactorReducer | None:
+        """The factor reducer (buckets of packed factors reduced to their owners)."""
+        return None if self._dist is None else self._dist.reducer
+
+    @property
+    def placement(self) -> Placement:
+        """The ``precondition_mode`` strategy in force (:mod:`ds_spngd.placement`)."""
+        assert self._dist is not None
+        return self._dist.placement
+
+    @property
+    def reduces_gradients(self) -> bool:
+        """True when SP-NGD reduces the gradients itself (``reduce_scatter`` on several ranks): an engine must turn
+        its own gradient all-reduce off."""
+        return self.placement.reduces_gradients
+
+    def begin_backward(self, boundary: bool) -> None:
+        """An engine calls this before every backward: ``boundary`` when it ends a gradient-accumulation cycle
+        (the ``reduce_scatter`` hooks launch their buckets only then)."""
+        self.placement.begin_backward(boundary)
 
     @property
     def model_parameters(self) -> list[Tensor]:
@@ -257,8 +250,6 @@ class SPNGD(torch.optim.Optimizer):
                 every rank at the same point; no parameter, factor, preconditioner, momentum or counter changed.
             RuntimeError: a factor got contributions after its bucket was sent (every rank, same message).
         """
-        if self.suspended:  # DeepSpeed's wrappers call step() once while being built, with zero gradients
-            return None
         groups = self.grads.begin_step(self.param_groups)
         if groups is None:  # an earlier group's call under ZeRO 1/2: its gradient is kept for the last call
             return None
@@ -278,62 +269,88 @@ class SPNGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.overflow = False
+        self.ledger.overflow = False
         t_start = time.perf_counter()
         stats: dict[str, float | Tensor] = {"factor_s": self.ctx.factor_seconds}
         self.ctx.factor_seconds = 0.0
         cfg = self.cfg
-        refresh = self.ctx.collecting  # planned at the end of the previous step (every rank alike)
+        collect = self.ctx.collecting  # planned at the end of the previous step (every rank alike)
         invert = self.steps % cfg.inv_update_steps == 0
         device = self.device
-        assert self.reducer is not None
+        assert self._dist is not None
+        reducer, plan, placement = self._dist.reducer, self._dist.owners, self._dist.placement
         try:
-            transaction.agree_on_inputs(self, refresh, device, stats)
-            transaction.refresh_preconditioners(self, invert, device, stats)
+            agree_on_inputs(reducer, self.refresh, self.grads, self.group, collect, self.steps, cfg.factor_decay,
+                            device, stats)
+            if collect:
+                self._report_silent_hooks()
+            refresh_preconditioners(self.blocks, self.refresh, plan, placement, cfg.damping, cfg.inverse_method,
+                                    self.group, invert, device, stats)
         except StepFailure as failure:
-            self.reducer.rollback()
+            reducer.rollback()
             self.refresh.discard()
-            if self.grad_reducer is not None:  # its buckets still complete, so every rank's collectives stay matched
-                self.grad_reducer.discard()
-            return transaction.fail(self, failure.problems, loss)
-        self.reducer.settle()
+            placement.discard()
+            self.ctx.factor_seconds = 0.0
+            self.ledger.fail(failure.problems, self.steps, self.rank)
+            self._stats = {"skipped": 1.0}
+            return loss
+        reducer.settle()
         self.refresh.apply()
         t0 = time.perf_counter()
-        directions = block_directions(self, device, stats)
+        job = DirectionInputs(self.blocks, self.grads, plan.block_owners, self.group, device, cfg.kl_clip,
+                              float(self.param_groups[0]["lr"]), self.params_without_block())
+        found = directions(placement, job, stats)
         stats["precondition_s"] = time.perf_counter() - t0
         for gi, group in enumerate(self.param_groups):
-            apply_group(group, gi, self.state, directions, cfg.momentum_correction)
+            apply_group(group, gi, self.state, found, cfg.momentum_correction)
         if cfg.weight_rescale:
             self._rescale_weights(device)
-        stats["refresh"], stats["invert"], stats["skipped"] = float(refresh), float(invert), 0.0
+        stats["refresh"], stats["invert"], stats["skipped"] = float(collect), float(invert), 0.0
         stats["refresh_fraction"] = self.refresh.refresh_fraction()
         if cfg.stale_statistics:
             stats.update(self.refresh.block_fractions())
         stats["optimizer_s"] = time.perf_counter() - t_start
         self._stats = stats
         self.steps += 1
-        self.consecutive_skips = 0
+        self.ledger.applied()
         self.plan_collection()
         return loss
+
+    def _report_silent_hooks(self) -> None:
+        """Once, after the first committed refresh: name the blocks whose hooks never fired (rank 0 logs)."""
+        if self._reported_silent:
+            return
+        self._reported_silent = True
+        silent = [b for b in self.blocks if not b.has_factors]
+        if silent and self.rank == 0:
+            logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
+                           "until they do", len(silent), ", ".join(b.name for b in silent))
 
     def plan_collection(self) -> None:
         """Decide which factors the next step refreshes (:mod:`ds_spngd.staleness`; every rank alike)."""
         self.ctx.collecting = self.refresh.plan(self.steps)
-        if self.reducer is not None:
-            self.reducer.set_due(self.refresh.due_mask())
+        if self._dist is not None:
+            self._dist.reducer.set_due(self.refresh.due_mask())
 
     def refresh_intervals(self) -> dict[str, int]:
         """Factor name → its current refresh interval in factor-update slots (``stale_statistics``; 1 otherwise)."""
         return self.refresh.intervals()
 
+    # ---- skipped steps (:class:`ds_spngd.transaction.SkipLedger` owns the counters) -------------------------------
+    overflow = LedgerField("overflow", "True after a step this optimizer skipped (an engine reads it like its fp16 "
+                           "overflow flag).", writable=True)
+    skipped_steps = LedgerField("skipped_steps", 'Steps skipped so far (``nonfinite: "skip"``, or engine skips).')
+    consecutive_skips = LedgerField("consecutive_skips", "Skipped steps since the last applied one.")
+    last_skip_reason = LedgerField("last_skip_reason", "Why the last skipped step was skipped.")
+
     def note_skipped(self, reason: str) -> None:
-        """Count a skipped step (this optimizer's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16):
-        :func:`ds_spngd.transaction.note_skipped`.
+        """Count a skipped step (this optimizer's own, or one an engine skipped for NaN/Inf gradients outside fp16).
 
         Raises:
             FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already.
         """
-        transaction.note_skipped(self, reason)
+        self.ledger.note(reason, self.rank)
+        self._stats = {"skipped": 1.0}
 
     def _rescale_weights(self, device: torch.device) -> None:
         ids = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]
@@ -345,18 +362,18 @@ class SPNGD(torch.optim.Optimizer):
                         lambda sq: self.grads.reduce_squares(sq, self.group))
 
     def discard_step(self) -> None:
-        """Forget the statistics gathered since the last step (DeepSpeed skipped the step: fp16 overflow).
+        """Forget the statistics gathered since the last step (an engine skipped the step: fp16 overflow).
 
         Factors, preconditioners, momentum and counters stay exactly as they were; pending factor collectives are
         completed and dropped so every rank's collective sequence stays aligned.
         """
         self.ctx.factor_seconds = 0.0
-        if self.reducer is not None and self.ctx.collecting:
-            self.reducer.discard()
-        if self.grad_reducer is not None:
-            self.grad_reducer.discard()
+        if self._dist is not None:
+            if self.ctx.collecting:
+                self._dist.reducer.discard()
+            self._dist.placement.discard()
 
-    # ---- DeepSpeed glue hooks ---------------------------------------------------------------------------------
+    # ---- engine hooks -----------------------------------------------------------------------------------------
     def set_gradient_accumulation_steps(self, steps: int) -> None:
         """Tell the hooks that the engine divides the loss by ``steps`` (DeepSpeed's gradient_accumulation_steps)."""
         if steps < 1:
@@ -369,8 +386,9 @@ class SPNGD(torch.optim.Optimizer):
 
     # ---- state_dict contract (torch.optim) --------------------------------------------------------------------
     def spngd_state(self) -> dict[str, Any]:
-        """SP-NGD's own state on this rank (:func:`ds_spngd.checkpoint.spngd_state`)."""
-        return checkpoint.spngd_state(self)
+        """SP-NGD's own state on this rank (:func:`ds_spngd.checkpoint.pack_state`)."""
+        return pack_state(self.steps, self.ledger, self.cfg.model_dump(), world_size(self.group), self.rank,
+                          self.blocks, self.refresh)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -378,12 +396,14 @@ class SPNGD(torch.optim.Optimizer):
         return sd
 
     def load_sharded_state(self, shards: list[dict[str, Any]]) -> None:
-        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (:func:`ds_spngd.checkpoint.load_shards`).
+        """Restore SP-NGD's state from every rank's :meth:`spngd_state` (any world size; merged by
+        :func:`ds_spngd.checkpoint.load_state`, tensors moved to each block's device).
 
         Raises:
             ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
         """
-        checkpoint.load_shards(self, shards)
+        self.steps = load_state(shards, self.blocks, self.ledger, self.refresh)
+        self.plan_collection()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's contract plus SP-NGD's blocks; the blocks are checked before anything is modified.
@@ -394,7 +414,7 @@ class SPNGD(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("spngd", None)
         if extra is not None:
-            checkpoint.check_block_names(extra["blocks"], [b.name for b in self.blocks])
+            check_block_names(extra["blocks"], [b.name for b in self.blocks])
         super().load_state_dict(sd)
         if extra is not None:
             self.load_sharded_state([extra])
@@ -404,5 +424,5 @@ class SPNGD(torch.optim.Optimizer):
         for b in self.blocks:
             b.remove()
         self._output_hook.remove()
-        if self.grad_reducer is not None:
-            self.grad_reducer.remove()
+        if self._dist is not None:
+            self._dist.placement.remove()

@@ -5,123 +5,162 @@ rank, never a hang).
 1. :func:`agree_on_inputs`: the factor reduction completes, one all-reduce agrees on NaN/Inf in gradients and reduced
    factors and on contributions that missed their bucket (:mod:`ds_spngd.comm.agreement`), stale statistics decide
    their next intervals from the same vector, and only then are the factors committed;
-2. :func:`refresh_preconditioners`: the owners draft, every rank agrees, the preconditioners are installed
-   (:func:`ds_spngd.comm.inversion.distributed_update`);
-3. :func:`fail`: with agreed problems every rank raises the same error or skips the step (:func:`note_skipped`), with
-   factors, preconditioners, momentum and counters exactly as before.
+2. :func:`refresh_preconditioners`: the owners draft, every rank agrees, the preconditioners are installed where the
+   placement wants them (:func:`ds_spngd.comm.inversion.distributed_update`, :mod:`ds_spngd.placement`);
+3. :class:`SkipLedger`: with agreed problems every rank raises the same error or skips the step, with factors,
+   preconditioners, momentum and counters exactly as before; it owns the skip counters DeepSpeed reads.
+
+Each function takes the components it coordinates; none reads the optimizer.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
 from ds_spngd.comm.collectives import world_size
-from ds_spngd.comm.inversion import distributed_update
+from ds_spngd.comm.factor_reduction import FactorReducer
+from ds_spngd.comm.inversion import OwnerPlan, distributed_update
+from ds_spngd.curvature.base import FisherBlock
+from ds_spngd.gradients import GradientAccess
+from ds_spngd.placement import Placement
+from ds_spngd.staleness import RefreshSchedule
 
-if TYPE_CHECKING:
-    from ds_spngd.optimizer import SPNGD
-
-__all__ = ["agree_on_inputs", "refresh_preconditioners", "fail", "note_skipped"]
+__all__ = ["LedgerField", "SkipLedger", "agree_on_inputs", "refresh_preconditioners"]
 
 logger = logging.getLogger("ds_spngd")
 
 
-def agree_on_inputs(opt: SPNGD, refresh: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
-    """Complete the factor reduction, agree on NaN/Inf and contribution mismatches, commit the factors.
+def agree_on_inputs(reducer: FactorReducer, refresh: RefreshSchedule, grads: GradientAccess, group: Any,
+                    collect: bool, step: int, factor_decay: float, device: torch.device,
+                    stats: dict[str, float | Tensor]) -> None:
+    """Complete the factor reduction (``collect``: this is a refresh step), agree on NaN/Inf and contribution
+    mismatches, commit the factors (decay ``factor_decay``) of optimizer step ``step``.
 
     Raises:
         StepFailure: the agreed problems (identical on every rank); nothing was committed.
     """
-    assert opt.reducer is not None
-    factors = opt.reducer.factors if refresh else []
-    parts = list(opt.reducer.complete()) if refresh else []
-    if refresh:
-        rs = opt.reducer.stats
+    factors = reducer.factors if collect else []
+    parts = list(reducer.complete()) if collect else []
+    if collect:
+        rs = reducer.stats
         stats.update(comm_wait_s=rs["wait_s"], comm_launch_s=rs["launch_s"], factor_bytes=rs["payload_bytes"],
                      factor_dense_bytes=rs["dense_bytes"], buckets_early=rs["buckets_early"],
                      buckets=rs["buckets"])
-    world = world_size(opt.group)
-    changes = opt.refresh.change_terms(opt.reducer.owned_totals(), world, device) if refresh else []
-    sums = agree([*parts, *changes, opt.grads.nonfinite_flags(device)], opt.group, device)
+    world = world_size(group)
+    changes = refresh.change_terms(reducer.owned_totals(), world, device) if collect else []
+    sums = agree([*parts, *changes, grads.nonfinite_flags(device)], group, device)
     n, m = len(factors), 3 * len(factors) if changes else 0
-    had, late, bad, grads = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
-    problems = input_problems([f.name for f in factors], late, bad, opt.grads.names, grads,
-                              opt.reducer.dtype == torch.float16)
+    had, late, bad, flags = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
+    problems = input_problems([f.name for f in factors], late, bad, grads.names, flags,
+                              reducer.dtype == torch.float16)
     if problems:
         raise StepFailure(problems)
-    if refresh:
-        opt.refresh.decide(sums[3 * n : 3 * n + m], had, opt.steps)  # stale_statistics' next intervals
-        opt.reducer.commit(had, opt.cfg.factor_decay)
-        _report_silent(opt)
+    if collect:
+        refresh.decide(sums[3 * n : 3 * n + m], had, step)  # stale_statistics' next intervals
+        reducer.commit(had, factor_decay)
 
-def _report_silent(opt: SPNGD) -> None:
-    if opt._reported_silent:
-        return
-    opt._reported_silent = True
-    silent = [b for b in opt.blocks if not b.has_factors]
-    if silent and opt.rank == 0:
-        logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
-                       "until they do", len(silent), ", ".join(b.name for b in silent))
 
-def refresh_preconditioners(opt: SPNGD, invert: bool, device: torch.device, stats: dict[str, float | Tensor]) -> None:
-    """Inversion transaction (:func:`ds_spngd.comm.inversion.distributed_update`); also (re)builds blocks that
-    have factors but no preconditioner yet (first use, hooks that fired late).
+def refresh_preconditioners(blocks: Sequence[FisherBlock], refresh: RefreshSchedule, plan: OwnerPlan,
+                            placement: Placement, damping: float, method: str, group: Any, invert: bool,
+                            device: torch.device, stats: dict[str, float | Tensor]) -> None:
+    """Inversion transaction (:func:`ds_spngd.comm.inversion.distributed_update`) on inversion steps (``invert``);
+    also (re)builds blocks that have factors but no preconditioner yet (first use, hooks that fired late).
 
     Raises:
         StepFailure: an owner failed to build a preconditioner (agreed by every rank); nothing was installed.
     """
-    assert opt._owners is not None
     todo = [b.has_factors and (inv or not b.has_preconditioner)
-            for b, inv in zip(opt.blocks, opt.refresh.to_invert(invert), strict=True)]
+            for b, inv in zip(blocks, refresh.to_invert(invert), strict=True)]
     if not any(todo):
         return
     t0 = time.perf_counter()
-    sent, problems = distributed_update(opt.blocks, todo, opt._owners, opt.cfg.damping, opt.cfg.inverse_method,
-                                        opt.group, opt.cfg.precondition_mode == "comm_opt", device)
+    sent, problems = distributed_update(blocks, todo, plan, damping, method, group,
+                                        placement.shares_preconditioners, device)
     if problems:
         raise StepFailure(problems)
-    opt.refresh.inverted(todo)
+    refresh.inverted(todo)
     stats["inverse_bytes"] = float(sent)
     stats["inversion_s"] = time.perf_counter() - t0
 
 
-def fail(opt: SPNGD, problems: list[Problem], loss: float | None) -> float | None:
-    """End a step whose problems every rank agreed on: raise the same error everywhere, or skip it."""
-    opt.ctx.factor_seconds = 0.0
-    message = describe_problems(opt.steps + opt.skipped_steps, problems)
-    if any(not p.numerical for p in problems):
-        raise RuntimeError(f"{message}. No parameter was updated.")
-    if opt.cfg.nonfinite == "raise":
-        raise FloatingPointError(f"{message}. No parameter was updated; factors and preconditioners are "
-                                 'unchanged (set "nonfinite": "skip" to skip such steps instead).')
-    note_skipped(opt, message)
-    return loss
+class SkipLedger:
+    """How failed steps end, and the counters DeepSpeed reads (``overflow``: the step was skipped).
 
+    Args:
+        nonfinite: ``"raise"`` or ``"skip"`` (the config key).
+        max_consecutive_skips: skips in a row after which the next failing step raises.
 
-def note_skipped(opt: SPNGD, reason: str) -> None:
-    """Count a skipped step (this optimizer's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16).
-
-    Sets ``overflow`` so DeepSpeed's engine counts it as skipped and holds the LR scheduler.
-
-    Raises:
-        FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already (this one would be one
-            more); nothing is counted then.
+    Attributes:
+        overflow: True after a skipped step (set before DeepSpeed's engine reads it).
+        skipped_steps: steps skipped so far; consecutive_skips: since the last applied step; last_skip_reason.
     """
-    if opt.consecutive_skips >= opt.cfg.max_consecutive_skips:
-        raise FloatingPointError(
-            f"SP-NGD: a step fails after {opt.consecutive_skips} consecutive steps (max_consecutive_skips="
-            f"{opt.cfg.max_consecutive_skips}) were skipped; the run is not recovering. This one: {reason}")
-    opt.overflow = True
-    opt.skipped_steps += 1
-    opt.consecutive_skips += 1
-    opt.last_skip_reason = reason
-    opt._stats = {"skipped": 1.0}
-    if opt.rank == 0:
-        logger.warning("SP-NGD skipped a step (%d in a row, %d in all): %s", opt.consecutive_skips,
-                       opt.skipped_steps, reason)
+
+    def __init__(self, nonfinite: str, max_consecutive_skips: int) -> None:
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.overflow = False
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.last_skip_reason = ""
+
+    def applied(self) -> None:
+        """A step was applied: the run of skips ends."""
+        self.consecutive_skips = 0
+
+    def fail(self, problems: list[Problem], step: int, rank: int) -> None:
+        """End a step whose problems every rank agreed on: raise the same error everywhere, or count a skip.
+
+        Raises:
+            RuntimeError: a problem that is not numerical (contributions after their bucket left).
+            FloatingPointError: ``nonfinite: "raise"``, or too many skips in a row.
+        """
+        message = describe_problems(step + self.skipped_steps, problems)
+        if any(not p.numerical for p in problems):
+            raise RuntimeError(f"{message}. No parameter was updated.")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"{message}. No parameter was updated; factors and preconditioners are "
+                                     'unchanged (set "nonfinite": "skip" to skip such steps instead).')
+        self.note(message, rank)
+
+    def note(self, reason: str, rank: int) -> None:
+        """Count a skipped step (SP-NGD's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16); sets
+        ``overflow`` so DeepSpeed's engine counts it as skipped and holds the LR scheduler.
+
+        Raises:
+            FloatingPointError: ``max_consecutive_skips`` steps in a row were skipped already (this one would be one
+                more); nothing is counted then.
+        """
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"SP-NGD: a step fails after {self.consecutive_skips} consecutive steps (max_consecutive_skips="
+                f"{self.max_consecutive_skips}) were skipped; the run is not recovering. This one: {reason}")
+        self.overflow = True
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.last_skip_reason = reason
+        if rank == 0:
+            logger.warning("SP-NGD skipped a step (%d in a row, %d in all): %s", self.consecutive_skips,
+                           self.skipped_steps, reason)
+
+
+class LedgerField:
+    """A descriptor that exposes one :class:`SkipLedger` attribute on its owner (``owner.ledger.<name>``), so engines
+    keep reading ``optimizer.overflow`` / ``skipped_steps`` while the ledger owns them."""
+
+    def __init__(self, name: str, doc: str, writable: bool = False) -> None:
+        self.name, self.writable, self.__doc__ = name, writable, doc
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else getattr(obj.ledger, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if not self.writable:
+            raise AttributeError(f"{self.name} is read-only (counted by the optimizer's SkipLedger)")
+        setattr(obj.ledger, self.name, value)

@@ -179,6 +179,11 @@ class FactorReducer:
             self._plans[due] = (buckets, bucket_of, traffic)
         return self._plans[due]
 
+    @property
+    def cached_due_sets(self) -> list[tuple[bool, ...] | None]:
+        """The due sets whose bucket plans are cached (None: every factor; at most ``PLAN_CACHE``)."""
+        return list(self._plans)
+
     def set_due(self, due: Sequence[bool] | None) -> None:
         """Reduce only the factors marked in ``due`` (:attr:`factors` order; None = every factor) from the next
         refresh on. The mask must be identical on every rank (it decides the buckets and so the collectives).

@@ -2,8 +2,8 @@
 arXiv:1811.12019 §4 and Fig. 3): each layer's gradient goes to the one rank that preconditions it, instead of to
 every rank.
 
-DeepSpeed's gradient all-reduce is off (``engine.enable_backward_allreduce = False``, set by
-:func:`ds_spngd.integrations.deepspeed.engine.attach`), so at the accumulation boundary every rank holds its *local* gradients. Then
+The engine's gradient all-reduce is off (turned off by the engine integration, which reads
+:attr:`ds_spngd.SPNGD.reduces_gradients`), so at the accumulation boundary every rank holds its *local* gradients. Then
 
 1. the blocks' gradients are packed into per-owner buckets (blocks in backward order, ``bucket_cap_mb``) and
    ``reduce``d (SUM) to the block's owner rank — asynchronously from post-accumulate-grad hooks during the boundary

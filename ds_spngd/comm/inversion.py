@@ -224,7 +224,7 @@ def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan
         if share or world == 1 or plan.block_owners[i] == me:
             parts = [received[j] for j in jobs if plan.jobs[j][0] == i]
             blocks[i].install_parts(parts, method, damping)
-        blocks[i].precond_ready = True
+        blocks[i].mark_ready()
     return sent, []
 
 

@@ -35,7 +35,7 @@ KINDS = ("all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "all_gat
          "reduce_scatter_single", "all_gather", "reduce_scatter")
 
 
-def ring_bytes(kind: str, payload: int, world: int) -> float:
+def ring_bytes(kind: str, payload: float, world: int) -> float:
     """Bytes one rank sends for a collective of ``payload`` bytes over ``world`` ranks (module table).
 
     Raises:

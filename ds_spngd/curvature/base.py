@@ -340,6 +340,11 @@ class FisherBlock(ABC):
         """True when this rank holds the preconditioner's tensors."""
         return self._inverse is not None
 
+    def mark_ready(self) -> None:
+        """Record that the block's preconditioner now exists on its owner (every rank calls this after an agreed
+        inversion, including ranks that hold no copy; see :attr:`has_preconditioner`)."""
+        self.precond_ready = True
+
     def drop_preconditioner(self) -> None:
         """Free this rank's copy of the preconditioner (the block stays ready: its owner holds one)."""
         self._inverse = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -92,54 +93,71 @@ def build_blocks(model: nn.Module, ctx: CaptureContext, optimized: set[int], ski
         if not own:
             continue
         label = name or type(module).__name__
-        if _skipped(name, skip):
-            plan.fallback.append((label, "listed in skip_modules"))
-            continue
-        if name in mha:
-            plan.fallback.append((label, MHA_REASON))
-            continue
-        if _skipped(name, mha):
-            plan.fallback.append((label, "inside an nn.MultiheadAttention (see its line)"))
-            continue
-        if any(id(p) not in optimized for p in own):
-            plan.fallback.append((label, "some parameters are not given to the optimizer"))
-            continue
-        frozen = [n for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
-        if frozen:
-            plan.fallback.append((label, f"frozen parameter(s) {frozen}"))
+        refused = _refusal(name, module, own, skip, mha, optimized)
+        if refused is not None:
+            plan.fallback.append((label, refused))
             continue
         sharing = [p for p in own if id(p) in shared]
         if sharing:
-            p = sharing[0]
-            uses = shared[id(p)]
-            others = [n or type(m).__name__ for n, m in uses if m is not module]
-            pair = _tie(uses)
-            reason = None if pair is None else tied_supported(pair[1][1], pair[0][1])
-            if pair is None or reason is not None or any(_skipped(n, skip) for n, _ in uses):
-                why = reason or "only an nn.Embedding tied to a bias-free nn.Linear is supported"
-                plan.fallback.append((label, f"shares a parameter with {others}: {why}"))
-            elif id(p) not in tied_done:
-                tied_done.add(id(p))
-                (lin_name, lin), (emb_name, emb) = pair
-                plan.blocks.append(TiedBlock(lin_name or "Linear", lin, emb, ctx, emb_name=emb_name or "Embedding",
-                                             **layout))  # type: ignore[arg-type]
+            _add_tied(plan, label, module, sharing[0], shared[id(sharing[0])], skip, tied_done, ctx, layout)
             continue
-        if embedding_supported(module) is None:
-            plan.blocks.append(EmbeddingBlock(label, module, ctx, **layout))  # type: ignore[arg-type]
-            continue
-        k_reason, u_reason = KroneckerBlock.unsupported_reason(module), UnitWiseBlock.unsupported_reason(module)
-        if k_reason is None:
-            plan.blocks.append(KroneckerBlock(label, module, ctx, **layout))  # type: ignore[arg-type]
-        elif u_reason is None:
-            plan.blocks.append(UnitWiseBlock(label, module, ctx))
+        block, reason = _block_for(label, module, ctx, layout)
+        if block is not None:
+            plan.blocks.append(block)
         else:
-            extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
-            reason = k_reason if isinstance(module, (nn.Linear, nn.Conv2d)) else u_reason
-            if isinstance(module, nn.Embedding):
-                reason = embedding_supported(module) or reason
-            if extra:
-                reason = f"{type(module).__name__} (parameters {sorted(extra)})"
             plan.fallback.append((label, f"no Fisher block: {reason}"))
     if mha:
         logger.warning("SP-NGD: %s left to the plain momentum-SGD update: %s", ", ".join(mha), MHA_REASON)
     return plan
+
+
+def _refusal(name: str, module: nn.Module, own: list[nn.Parameter], skip: tuple[str, ...], mha: list[str],
+             optimized: set[int]) -> str | None:
+    """Why ``module`` gets no block whatever its kind (skip list, MultiheadAttention, parameters not optimized or
+    frozen), or None."""
+    if _skipped(name, skip):
+        return "listed in skip_modules"
+    if name in mha:
+        return MHA_REASON
+    if _skipped(name, mha):
+        return "inside an nn.MultiheadAttention (see its line)"
+    if any(id(p) not in optimized for p in own):
+        return "some parameters are not given to the optimizer"
+    frozen = [n for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
+    return f"frozen parameter(s) {frozen}" if frozen else None
+
+
+def _add_tied(plan: BlockPlan, label: str, module: nn.Module, p: nn.Parameter, uses: list[tuple[str, nn.Module]],
+              skip: tuple[str, ...], tied_done: set[int], ctx: CaptureContext, layout: dict[str, Any]) -> None:
+    """A module sharing parameter ``p`` (used by ``uses``): one :class:`TiedBlock` for a supported Embedding/Linear
+    tie (added once, at its first module), else a fallback line naming the other users."""
+    others = [n or type(m).__name__ for n, m in uses if m is not module]
+    pair = _tie(uses)
+    reason = None if pair is None else tied_supported(pair[1][1], pair[0][1])
+    if pair is None or reason is not None or any(_skipped(n, skip) for n, _ in uses):
+        why = reason or "only an nn.Embedding tied to a bias-free nn.Linear is supported"
+        plan.fallback.append((label, f"shares a parameter with {others}: {why}"))
+    elif id(p) not in tied_done:
+        tied_done.add(id(p))
+        (lin_name, lin), (emb_name, emb) = pair
+        plan.blocks.append(TiedBlock(lin_name or "Linear", lin, emb, ctx, emb_name=emb_name or "Embedding",
+                                     **layout))
+
+
+def _block_for(label: str, module: nn.Module, ctx: CaptureContext,
+               layout: dict[str, Any]) -> tuple[FisherBlock | None, str]:
+    """The Fisher block of an unshared module, or (None, why it has none)."""
+    if embedding_supported(module) is None:
+        return EmbeddingBlock(label, module, ctx, **layout), ""  # type: ignore[arg-type]
+    k_reason, u_reason = KroneckerBlock.unsupported_reason(module), UnitWiseBlock.unsupported_reason(module)
+    if k_reason is None:
+        return KroneckerBlock(label, module, ctx, **layout), ""
+    if u_reason is None:
+        return UnitWiseBlock(label, module, ctx), ""
+    extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+    reason = k_reason if isinstance(module, (nn.Linear, nn.Conv2d)) else u_reason
+    if isinstance(module, nn.Embedding):
+        reason = embedding_supported(module) or reason
+    if extra:
+        reason = f"{type(module).__name__} (parameters {sorted(extra)})"
+    return None, reason
