@@ -18,8 +18,8 @@ refresh and inversion intervals, and on a step that does both), the ratio to SGD
 rank's preconditioning GFLOP per step and inversion GFLOP per inversion step, and the LPT balance.
 
 Formulas (bytes each rank sends per step, W ranks, P gradient elements, F packed factor elements B·d(d+1)/2):
-ring all-reduce 2(W−1)/W·n, reduce-scatter / all-gather (W−1)/W·n (Patarasuk & Yuan 2009; Thakur et al. 2005), a
-reduce to the owner counted as a reduce-scatter (optimistic by n/W), a broadcast n. ``sgd``: the all-reduce of P.
+the one ring model of :func:`ds_spngd.comm.wire.ring_bytes`: all-reduce 2(W−1)/W·n, reduce-scatter / all-gather /
+reduce / broadcast (W−1)/W·n (Patarasuk & Yuan 2009; Thakur et al. 2005). ``sgd``: the all-reduce of P.
 ``comm_opt``: + (W−1)/W·F (bf16) per refresh + every part's fp32 preconditioner per inversion; every rank
 preconditions every block. ``mem_opt``: + (P_blk + W)·4 directions every step + the parts drafted away from their
 block owner per inversion. ``reduce_scatter`` (Osawa et al. 2019, arXiv:1811.12019 §4): block gradients reduce-
