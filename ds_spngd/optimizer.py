@@ -47,14 +47,20 @@ from ds_spngd.comm.inversion import OwnerPlan
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
 from ds_spngd.curvature.base import CaptureContext, FisherBlock
 from ds_spngd.curvature.model_output import ModelOutputHook
-from ds_spngd.curvature.registry import build_blocks
+from ds_spngd.curvature.registry import build_blocks, describe_blocks
 from ds_spngd.distributed import DistributedPlan, plan_distributed
 from ds_spngd.gradients import DenseGradients, GradientAccess
 from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
 from ds_spngd.placement import DirectionInputs, Placement, directions
 from ds_spngd.staleness import RefreshSchedule
-from ds_spngd.transaction import LedgerField, SkipLedger, agree_on_inputs, refresh_preconditioners
-from ds_spngd.update import apply_group, rescale_bounds, rescale_weights
+from ds_spngd.transaction import (
+    LedgerField,
+    SkipLedger,
+    agree_on_inputs,
+    refresh_preconditioners,
+    report_silent_hooks,
+)
+from ds_spngd.update import WeightRescaler, apply_group
 
 __all__ = ["SPNGD"]
 
@@ -124,7 +130,8 @@ class SPNGD(torch.optim.Optimizer):
         self.steps = 0
         self.setup_distributed(process_group)
         self._reported_silent = False
-        self._rescale_bound: Tensor | None = None
+        self._rescaled = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]  # weight rescaling
+        self._rescaler = WeightRescaler([self.blocks[i].params[0].shape[0] for i in self._rescaled])
         self._stats: dict[str, float | Tensor] = {}
         self.engine_times: dict[str, float] = {}  # forward/backward seconds of the current step (set by attach)
         logger.debug("%s", self.report())
@@ -132,12 +139,7 @@ class SPNGD(torch.optim.Optimizer):
     # ---- reporting --------------------------------------------------------------------------------------------
     def report(self) -> str:
         """Human-readable list of the preconditioned modules and of those left to the base update."""
-        lines = [f"SP-NGD preconditions {len(self.blocks)} module(s):"]
-        lines += [f"  {b.describe()}" for b in self.blocks]
-        if self.fallback:
-            lines.append(f"plain momentum-SGD update for {len(self.fallback)} module(s):")
-            lines += [f"  {n}: {r}" for n, r in self.fallback]
-        return "\n".join(lines)
+        return describe_blocks(self.blocks, self.fallback)
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -282,8 +284,8 @@ class SPNGD(torch.optim.Optimizer):
         try:
             agree_on_inputs(reducer, self.refresh, self.grads, self.group, collect, self.steps, cfg.factor_decay,
                             device, stats)
-            if collect:
-                self._report_silent_hooks()
+            if collect and not self._reported_silent:
+                self._reported_silent = report_silent_hooks(self.blocks, self.rank)
             refresh_preconditioners(self.blocks, self.refresh, plan, placement, cfg.damping, cfg.inverse_method,
                                     self.group, invert, device, stats)
         except StepFailure as failure:
@@ -304,7 +306,8 @@ class SPNGD(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             apply_group(group, gi, self.state, found, cfg.momentum_correction)
         if cfg.weight_rescale:
-            self._rescale_weights(device)
+            self._rescaler([self.grads.weight(i) for i in self._rescaled], device,
+                           lambda sq: self.grads.reduce_squares(sq, self.group))
         stats["refresh"], stats["invert"], stats["skipped"] = float(collect), float(invert), 0.0
         stats["refresh_fraction"] = self.refresh.refresh_fraction()
         if cfg.stale_statistics:
@@ -315,16 +318,6 @@ class SPNGD(torch.optim.Optimizer):
         self.ledger.applied()
         self.plan_collection()
         return loss
-
-    def _report_silent_hooks(self) -> None:
-        """Once, after the first committed refresh: name the blocks whose hooks never fired (rank 0 logs)."""
-        if self._reported_silent:
-            return
-        self._reported_silent = True
-        silent = [b for b in self.blocks if not b.has_factors]
-        if silent and self.rank == 0:
-            logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
-                           "until they do", len(silent), ", ".join(b.name for b in silent))
 
     def plan_collection(self) -> None:
         """Decide which factors the next step refreshes (:mod:`ds_spngd.staleness`; every rank alike)."""
@@ -351,15 +344,6 @@ class SPNGD(torch.optim.Optimizer):
         """
         self.ledger.note(reason, self.rank)
         self._stats = {"skipped": 1.0}
-
-    def _rescale_weights(self, device: torch.device) -> None:
-        ids = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]
-        if not ids:
-            return
-        if self._rescale_bound is None or self._rescale_bound.device != device:
-            self._rescale_bound = rescale_bounds([self.blocks[i].params[0].shape[0] for i in ids], device)
-        rescale_weights([self.grads.weight(i) for i in ids], self._rescale_bound,
-                        lambda sq: self.grads.reduce_squares(sq, self.group))
 
     def discard_step(self) -> None:
         """Forget the statistics gathered since the last step (an engine skipped the step: fp16 overflow).

@@ -32,7 +32,7 @@ from ds_spngd.gradients import GradientAccess
 from ds_spngd.placement import Placement
 from ds_spngd.staleness import RefreshSchedule
 
-__all__ = ["LedgerField", "SkipLedger", "agree_on_inputs", "refresh_preconditioners"]
+__all__ = ["LedgerField", "SkipLedger", "agree_on_inputs", "refresh_preconditioners", "report_silent_hooks"]
 
 logger = logging.getLogger("ds_spngd")
 
@@ -65,6 +65,16 @@ def agree_on_inputs(reducer: FactorReducer, refresh: RefreshSchedule, grads: Gra
     if collect:
         refresh.decide(sums[3 * n : 3 * n + m], had, step)  # stale_statistics' next intervals
         reducer.commit(had, factor_decay)
+
+
+def report_silent_hooks(blocks: Sequence[FisherBlock], rank: int) -> bool:
+    """After the first committed refresh: rank 0 names the blocks whose hooks never fired (they use the plain
+    momentum-SGD update until they do). Returns True (reported)."""
+    silent = [b for b in blocks if not b.has_factors]
+    if silent and rank == 0:
+        logger.warning("SP-NGD: hooks of %d module(s) never fired (%s); they use the plain momentum-SGD update "
+                       "until they do", len(silent), ", ".join(b.name for b in silent))
+    return True
 
 
 def refresh_preconditioners(blocks: Sequence[FisherBlock], refresh: RefreshSchedule, plan: OwnerPlan,

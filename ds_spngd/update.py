@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["kl_clip_factor", "apply_group", "rescale_bounds", "rescale_weights"]
+__all__ = ["WeightRescaler", "kl_clip_factor", "apply_group", "rescale_bounds", "rescale_weights"]
 
 
 def kl_clip_factor(kappa: float, lr: float, vg: Tensor) -> Tensor:
@@ -104,3 +104,24 @@ def rescale_weights(pieces: Sequence[Sequence[Tensor]], bound: Tensor, reduce: A
     for j, ws in enumerate(pieces):
         for w in ws:
             w.mul_(scale[j])
+
+
+class WeightRescaler:
+    """Weight rescaling of every Kronecker block's weight (SP-NGD, Osawa et al. arXiv:1811.12019; module docstring),
+    with the bounds cached on the weights' device.
+
+    Args:
+        d_out: per rescaled block, its output dimension (``weight.shape[0]``).
+    """
+
+    def __init__(self, d_out: Sequence[int]) -> None:
+        self.d_out = list(d_out)
+        self._bound: Tensor | None = None
+
+    def __call__(self, pieces: Sequence[Sequence[Tensor]], device: torch.device, reduce: Any) -> None:
+        """:func:`rescale_weights` of ``pieces`` (one entry per block given to the constructor)."""
+        if not self.d_out:
+            return
+        if self._bound is None or self._bound.device != device:
+            self._bound = rescale_bounds(self.d_out, device)
+        rescale_weights(pieces, self._bound, reduce)

@@ -161,3 +161,13 @@ def _block_for(label: str, module: nn.Module, ctx: CaptureContext,
     if extra:
         reason = f"{type(module).__name__} (parameters {sorted(extra)})"
     return None, reason
+
+
+def describe_blocks(blocks: list[FisherBlock], fallback: list[tuple[str, str]]) -> str:
+    """Human-readable list of the preconditioned modules and of those left to the base update (with the reason)."""
+    lines = [f"SP-NGD preconditions {len(blocks)} module(s):"]
+    lines += [f"  {b.describe()}" for b in blocks]
+    if fallback:
+        lines.append(f"plain momentum-SGD update for {len(fallback)} module(s):")
+        lines += [f"  {n}: {r}" for n, r in fallback]
+    return "\n".join(lines)
