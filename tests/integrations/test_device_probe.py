@@ -3,7 +3,7 @@
 NCCL takes CUDA tensors only, so every tensor SP-NGD allocates must live on its parameters' device. On a CPU machine
 a slip is invisible — unless the default device is something else: with ``torch.set_default_device("meta")`` every
 tensor created without naming a device lands on "meta", and the first time it meets real data (a collective, a
-``cat`` with a real factor, ``.tolist()``) the step fails. tests/support/dist_worker.py runs the real DeepSpeed engine that
+``cat`` with a real factor, ``.tolist()``) the step fails. tests/support/worker/ runs the real DeepSpeed engine that
 way ("meta" cases: the model and engine are built normally, then every step — forward, backward, SP-NGD's step,
 DeepSpeed's own — and the checkpoint round trip run under the probe) at world sizes 1, 2 and 3, over the code paths
 that allocate: factor refresh and inversion steps, comm_opt and mem_opt, overlap on and off, a module whose hooks

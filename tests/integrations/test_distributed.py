@@ -2,7 +2,7 @@
 batch only — not on how it is split over ranks and micro-batches, not on where inverses and preconditioning live
 (comm_opt / mem_opt), not on ZeRO's partitioning, bucketing or overlap, and not on a checkpoint/restart.
 
-Each configuration runs the same fixed global batches through tests/support/dist_worker.py; the model's parameters and the
+Each configuration runs the same fixed global batches through tests/support/worker/; the model's parameters and the
 global loss after every step are compared with a world-size-1, stage-0, gas-1 run. Tolerances (relative to the
 parameter scale / absolute on the loss) are stated per test; fp32 differences come from summation order only.
 """

@@ -1,7 +1,7 @@
 """A fault on one rank ends the step the same way on every rank — an error naming the layer, or a skipped step —
 never a hang (the ranks run under a hard timeout, tests/support/ranks.py).
 
-Faults are injected on ONE rank of 2 or 3 (tests/support/dist_worker.py, "inject"):
+Faults are injected on ONE rank of 2 or 3 (tests/support/worker/, "inject"):
 
 * factor statistics: that rank's micro-batch × 1e19 — its A factors overflow to Inf while the gradients stay finite
   (LayerNorm follows fc1; asserted at stage 0, else the test would exercise the gradient path). The Inf reaches the

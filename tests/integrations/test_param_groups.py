@@ -1,7 +1,7 @@
 """Several parameter groups under ZeRO 1/2 (issue 8): DeepSpeed steps ZeRO's groups one at a time, SP-NGD defers its
-step to the last group's call (ds_spngd/gradients.py).
+step to the last group's call (ds_spngd/integrations/deepspeed/zero.py).
 
-The groups are the transformers recipe on tests/support/dist_worker.py's Conv → Linear → LayerNorm → Linear net: a decay group
+The groups are the transformers recipe on tests/support/worker's Conv → Linear → LayerNorm → Linear net: a decay group
 (Conv/Linear weights) and a no-decay group (their biases, the LayerNorm), so every Kronecker block's weight and bias
 sit in different groups. "wd": weight_decay 0.1 / 0 under the WarmupLR schedule; "lr": the no-decay group also has its
 own lr (0.05 vs 0.1) and momentum (0.5 vs 0.9). References, each independent of the partitioned code path:
@@ -20,7 +20,7 @@ same bits as stage 0 (fp32 and bf16); dropping the write-back of the earlier gro
 
 from __future__ import annotations
 
-from tests.support import dist_worker
+from tests.support import worker
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,13 +99,13 @@ def test_zero2_mem_opt_and_accumulation_with_groups(runs: dict) -> None:
 def test_each_group_keeps_its_lr_momentum_and_weight_decay(runs: dict, world: int) -> None:
     """Every module left to momentum SGD, ZeRO 2, groups with their own lr / momentum / weight_decay: the trajectory
     is torch.optim.SGD's with the same groups (constant lr: momentum correction is the identity), computed here."""
-    model = dist_worker.make_model()
-    opt = torch.optim.SGD(dist_worker.param_groups(model, {"groups": "lr"}), lr=0.2, momentum=0.9)
+    model = worker.make_model()
+    opt = torch.optim.SGD(worker.param_groups(model, "lr"), lr=0.2, momentum=0.9)
     gen = torch.Generator(device="cpu").manual_seed(1)
     hist = []
     for _ in range(SGD_STEPS):
-        x = torch.randn(dist_worker.GLOBAL_BATCH, 1, 6, 6, generator=gen)
-        y = torch.randint(0, 5, (dist_worker.GLOBAL_BATCH,), generator=gen)
+        x = torch.randn(worker.GLOBAL_BATCH, 1, 6, 6, generator=gen)
+        y = torch.randint(0, 5, (worker.GLOBAL_BATCH,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -184,8 +184,8 @@ def test_calls_out_of_order_or_without_write_back_raise_a_clear_error() -> None:
 
 def test_empty_groups_are_dropped_like_deepspeed_does() -> None:
     """DeepSpeed removes empty parameter groups (engine.py _configure_optimizer); SP-NGD's group indices must agree."""
-    model = dist_worker.make_model()
-    groups = [{"params": []}, *dist_worker.param_groups(model, {"groups": "wd"})]
+    model = worker.make_model()
+    groups = [{"params": []}, *worker.param_groups(model, "wd")]
     opt = SPNGD(groups, model=model)
     assert len(opt.param_groups) == 2 and opt.param_groups[0]["weight_decay"] == 0.1
     assert all(len(g["params"]) > 0 for g in opt.param_groups)

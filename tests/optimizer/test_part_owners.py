@@ -3,7 +3,7 @@ reduced to and inverted by its own owner rank (ds_spngd/curvature/side.py, ds_sp
 
 * the plan: GPT-2-small's 50257-wide tied head (13 blocks of 3866) is spread over the ranks instead of landing on one,
   and the largest per-rank inversion load drops accordingly (LPT over parts, built on the meta device);
-* the update: tests/support/dist_worker.py's net with ``max_factor_dim`` 6 (both sides of its 144→16 Linear chunked, padded
+* the update: tests/support/worker/'s net with ``max_factor_dim`` 6 (both sides of its 144→16 Linear chunked, padded
   last blocks) on 2 and 3 ranks through DeepSpeed — comm_opt and mem_opt, inverse and eigen, ZeRO-2 — equals the
   1-rank run, whose blocked update is checked against the dense Kronecker solve in test_tied_and_large.py;
 * a fault: a chunk's owner whose draft fails ends the step with the same error on every rank, nothing updated.

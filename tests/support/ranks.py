@@ -1,6 +1,6 @@
-"""Shared by the multi-rank CPU tests: run tests/support/dist_worker.py on gloo ranks with a hard timeout (tests/support/harness.py:
-every rank in its own process group, logs in files, all ranks killed when the deadline passes or one rank fails —
-a hang fails the test, not the test run) and collect each rank's record.
+"""Shared by the multi-rank CPU tests: run the rank worker (the tests/support/worker package) on gloo ranks with a
+hard timeout (tests/support/harness.py: every rank in its own process group, logs in files, all ranks killed when the
+deadline passes or one rank fails — a hang fails the test, not the test run) and collect each rank's record.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+
 from tests.support.harness import free_port, rank_env, remove_shm_buffers, run_procs
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).with_name("worker")  # a package run by its path: python WORKER OUT CASES_JSON (its __main__)
 
 
 class RanksHung(AssertionError):
@@ -20,7 +21,7 @@ class RanksHung(AssertionError):
 
 
 def run_ranks(world: int, cases: list[dict], out: Path, timeout: float = 600.0) -> None:
-    """Run ``cases`` on ``world`` gloo ranks of dist_worker.py.
+    """Run ``cases`` (JSON objects, see :class:`tests.support.worker.case.Case`) on ``world`` gloo ranks of the worker.
 
     Raises:
         RanksHung: not every rank finished within ``timeout`` seconds (all were killed).
@@ -42,7 +43,7 @@ def run_ranks(world: int, cases: list[dict], out: Path, timeout: float = 600.0) 
 
 def launch(world: int, cases: list[dict], out: Path, timeout: float = 600.0) -> list[dict]:
     """Run the cases; per case {"params", "loss" (rank 0's, when a step completed), "stats" (per rank, per step),
-    "ranks" (each rank's full record, see dist_worker.py)}."""
+    "ranks" (each rank's full record, :class:`tests.support.worker.recording.RankRecord`)}."""
     run_ranks(world, cases, out, timeout)
     results = []
     for i in range(len(cases)):
