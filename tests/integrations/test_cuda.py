@@ -45,6 +45,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from tests.support.harness import ROOT, TESTS, free_port, rank_env, read_json, remove_shm_buffers, run_procs
 
 
@@ -86,7 +87,8 @@ def fp16_zero2_config() -> dict[str, Any]:
 
 
 def run_train(tmp: Path, config: Path, steps: int, overflow_step: int = -1) -> tuple[dict, dict]:
-    """train.py (cnn4, global batch 64, ``steps`` optimizer steps) on one GPU through tests/support/cuda_train_worker.py.
+    """train.py (cnn4, global batch 64, ``steps`` optimizer steps) on one GPU through
+    tests/support/cuda_train_worker.py.
 
     Returns (result.json, the worker's record). Fails the test on a non-zero exit or a timeout.
     """

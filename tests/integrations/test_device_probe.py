@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.support.ranks import launch_worlds
 
 FULL = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 5, "kl_clip": 0.05, "weight_rescale": True}

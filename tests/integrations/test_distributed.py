@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.support.ranks import launch
 
 BASE = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 6}

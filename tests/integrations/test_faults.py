@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.support.ranks import assert_identical_replicas, launch_worlds
 
 F = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 6, "kl_clip": 0.05, "weight_rescale": True}

@@ -1,4 +1,5 @@
-"""LARS / LAMB from pytorch-optimizer as DeepSpeed client optimizers (ds_spngd.integrations.deepspeed.first_order via ds_spngd.initialize).
+"""LARS / LAMB from pytorch-optimizer as DeepSpeed client optimizers (ds_spngd.integrations.deepspeed.first_order
+via ds_spngd.initialize).
 
 The engine tests run a real 1-rank DeepSpeed engine in-process (fixture ``single_rank_env``) and compare it with the
 pytorch-optimizer class applied directly to a copy of the model, fed the learning rates DeepSpeed's scheduler chose.

@@ -14,12 +14,12 @@ import deepspeed
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.harness import remove_shm_buffers, run_procs
 from torch import nn
 
 import ds_spngd
 from ds_spngd.config import SPNGDConfigError
 from ds_spngd.integrations.deepspeed.noise_scale import NoiseScaleEstimator, noise_scale_stats, parse_noise_scale
+from tests.support.harness import remove_shm_buffers, run_procs
 
 ROOT = Path(__file__).resolve().parents[2]
 

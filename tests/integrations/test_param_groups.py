@@ -20,14 +20,14 @@ same bits as stage 0 (fp32 and bf16); dropping the write-back of the earlier gro
 
 from __future__ import annotations
 
-from tests.support import worker
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.ranks import assert_identical_replicas, launch_worlds
 
 from ds_spngd import SPNGD
 from ds_spngd.integrations.deepspeed.zero import PartitionedGradients
+from tests.support import worker
+from tests.support.ranks import assert_identical_replicas, launch_worlds
 
 
 def _inject(step: int) -> dict:
@@ -138,9 +138,9 @@ def test_checkpoint_round_trip_with_groups_continues_the_trajectory(runs: dict) 
 @pytest.mark.parametrize("name", ["bf16_z1", "bf16_z2", "bf16_z1_fp32acc"])
 def test_bf16_with_groups(runs: dict, name: str) -> None:
     """bf16, two groups: ZeRO 1/2 (groups stepped one at a time) and BF16_Optimizer (all at once) follow bf16 stage 0
-    with the same groups. Measured: the same bits (as tests/integrations/test_distributed.py notes for single-group stage 1), so
-    the loss tolerance is that test's stage-1 one, 1e-6 (its 5e-2 bf16-rounding tolerance would let a lost update of
-    the decay group pass for 11 of 12 steps)."""
+    with the same groups. Measured: the same bits (as tests/integrations/test_distributed.py notes for single-group
+    stage 1), so the loss tolerance is that test's stage-1 one, 1e-6 (its 5e-2 bf16-rounding tolerance would let a
+    lost update of the decay group pass for 11 of 12 steps)."""
     ref, got = runs[2]["bf16_z0"], runs[2][name]
     assert len(got["loss"]) == BASE["steps"]
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=0.0, atol=1e-6)

@@ -16,6 +16,7 @@ modes × ZeRO 0/1/2, plus the eigen method and gradient accumulation at stage 0.
 from __future__ import annotations
 
 import pytest
+
 from tests.support.ranks import assert_identical_replicas, launch_worlds
 
 FULL = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 30, "kl_clip": 0.05, "weight_rescale": True}

@@ -314,22 +314,39 @@ def _has_hooks(model: nn.Module) -> bool:
 
 
 class _Recorder:
-    """Stand-in for deepspeed.initialize: records its kwargs and returns a minimal engine."""
+    """Stand-in for deepspeed.initialize: records its kwargs, steps a client SP-NGD once with zero gradients as
+    DeepSpeed's fp16/bf16 wrappers do while being built, and returns a minimal engine."""
 
     def __init__(self, gas: int = 1) -> None:
         self.calls: list[dict[str, Any]] = []
         self.gas = gas
-        self.suspended_during_call: bool | None = None
+        self.step_ran_during_call: bool | None = None
 
     def __call__(self, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
         self.calls.append(kwargs)
         opt = kwargs.get("optimizer")
         if isinstance(opt, ds_spngd.SPNGD):
-            self.suspended_during_call = opt.suspended
+            self.step_ran_during_call = self._construction_step(opt)
         engine = SimpleNamespace(module=kwargs.get("model"), gradient_accumulation_steps=lambda: self.gas,
-                                 data_parallel_group=None, forward=None, backward=None, step=None,
-                                 save_checkpoint=None, load_checkpoint=None)
+                                 data_parallel_group=None, backward=None, step=None,
+                                 save_checkpoint=None, load_checkpoint=None,
+                                 register_forward_pre_hook=lambda *a, **k: None,
+                                 register_forward_hook=lambda *a, **k: None)
         return engine, opt, None, None
+
+    @staticmethod
+    def _construction_step(opt: ds_spngd.SPNGD) -> bool:
+        """What FP16_UnfusedOptimizer.initialize_optimizer_states does: zero gradients, ``step()``, no gradients.
+        True when SP-NGD's step ran (a step counted, state created or a parameter moved)."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for p in params:
+            p.grad = None
+        moved = any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+        return opt.steps != 0 or len(opt.state) != 0 or moved
 
 
 def test_initialize_rejects_bad_params_before_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -477,7 +494,8 @@ def test_initialize_spngd_sets_gradient_clipping_zero(monkeypatch: pytest.Monkey
     assert spngd.param_groups[0]["lr"] == 0.05
     assert kw["model"] is model
     assert [id(p) for p in kw["model_parameters"]] == [id(p) for p in model.parameters()]
-    assert rec.suspended_during_call is True and spngd.suspended is False
+    assert rec.step_ran_during_call is False, "SP-NGD's step ran while DeepSpeed built the engine"
+    assert "step" not in vars(spngd), "SP-NGD's own step must be back after deepspeed.initialize"
     assert spngd.ctx.grad_accum_steps == 4
     assert ds_spngd.get_spngd(opt) is spngd
     assert _has_hooks(model)

@@ -424,32 +424,36 @@ def test_step_after_a_skipped_non_finite_batch_is_clean() -> None:
     _assert_close(_params(m), _params(m_ref), rtol=1e-6, atol=1e-8)
 
 
-# ---- (f) suspended -----------------------------------------------------------------------------------------------
-def test_suspended_step_is_a_no_op() -> None:
+# ---- (f) no step while an engine is built (the DeepSpeed glue's gate; it imports no DeepSpeed) ------------------
+def test_step_disabled_while_built_is_a_no_op() -> None:
+    from ds_spngd.integrations.deepspeed.construction import step_disabled
+
     torch.manual_seed(12)
     m = ClipNet()
     opt = SPNGD(m.parameters(), model=m, config={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1,
                                                  "weight_rescale": True, "kl_clip": 1e-6})
     _fwd_bwd(m, _mlp_batches(1, seed=13)[0])
     before = _params(m)
-    opt.suspended = True
-    assert opt.step() is None
+    with step_disabled(opt):
+        assert opt.step() is None
     assert opt.steps == 0 and len(opt.state) == 0 and opt.last_stats == {}
     assert all(torch.equal(before[n], p) for n, p in _params(m).items())
     assert all(not b.has_preconditioner for b in opt.blocks)
-    opt.suspended = False
+    assert "step" not in vars(opt)  # the class's step again
     opt.step()
     assert opt.steps == 1 and any(not torch.equal(before[n], p) for n, p in _params(m).items())
 
 
-def test_suspended_ignores_zero_gradients_and_closure() -> None:
+def test_step_disabled_ignores_zero_gradients_and_closure() -> None:
+    from ds_spngd.integrations.deepspeed.construction import step_disabled
+
     m = MLP()
     opt = SPNGD(m.parameters(), model=m)
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
-    opt.suspended = True
     calls = []
-    opt.step(closure=lambda: calls.append(1) or 0.0)
+    with step_disabled(opt):
+        opt.step(closure=lambda: calls.append(1) or 0.0)
     assert calls == [] and opt.steps == 0
 
 

@@ -1,11 +1,37 @@
 """SP-NGD inside DeepSpeed: ``initialize`` and everything that touches DeepSpeed's engine and ZeRO internals.
 
-Modules: :mod:`.engine` (``initialize`` and the engine seam), :mod:`.zero` (gradients of ZeRO 1/2 partitions),
-:mod:`.noise_scale` (gradient noise scale around DeepSpeed's all-reduce), :mod:`.first_order` (LARS / Lamb client
-optimizers).
+Modules:
+
+* :mod:`.build` — ``initialize`` (config loading and validation, refusals, SP-NGD as DeepSpeed's client optimizer),
+  ``get_spngd``, ``load_ds_config``, ``memory_report``;
+* :mod:`.engine` — the engine seam: ``attach`` (forward / backward / step, overflow skips, monitor events);
+* :mod:`.checkpoint` — SP-NGD's per-rank shards next to DeepSpeed's checkpoint files;
+* :mod:`.zero` — gradients of ZeRO 1/2 partitions, their write-back and optimizer-state re-link;
+* :mod:`.construction` — the client optimizer's step is a no-op while DeepSpeed builds its wrappers (both routes);
+* :mod:`.noise_scale` — gradient noise scale around DeepSpeed's all-reduce;
+* :mod:`.first_order` — LARS / Lamb client optimizers;
+* :mod:`.ds_config` — the few JSON fields the glue decides on;
+* :mod:`.patches` — every patch of a DeepSpeed object and every DeepSpeed internal the glue reads, with the DeepSpeed
+  lines each relies on and a probe (``tests/integrations/test_patches.py``).
+
+The three public names are imported on first use, so :mod:`.construction` and :mod:`.patches` load without DeepSpeed.
 """
 
-from ds_spngd.integrations.deepspeed.engine import get_spngd, initialize
-from ds_spngd.integrations.deepspeed.noise_scale import noise_scale_stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ds_spngd.integrations.deepspeed.build import get_spngd, initialize
+    from ds_spngd.integrations.deepspeed.noise_scale import noise_scale_stats
 
 __all__ = ["initialize", "get_spngd", "noise_scale_stats"]
+
+_HOME = {"initialize": "build", "get_spngd": "build", "noise_scale_stats": "noise_scale"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Reading the DeepSpeed JSON: the few top-level fields the glue decides on."""
+"""Reading the DeepSpeed JSON: the few fields the glue decides on (plain dict reads; no DeepSpeed import)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ an out-of-range value raises :class:`OptimizerConfigError` naming the key. Defau
 ``params`` are left to DeepSpeed. The two LAMBs differ in details (pytorch-optimizer's has no bias correction and
 decouples weight decay unless ``weight_decouple`` is false), so CPU and GPU ``"Lamb"`` runs are not bit-comparable.
 
+Seam: ``deepspeed.initialize(optimizer=...)``, DeepSpeed's client-optimizer argument; no DeepSpeed object is patched.
+The optimizer's own ``step`` is gated while DeepSpeed builds its wrappers (:mod:`.construction`; ``optimizer.step`` in
+:data:`.patches.PATCHES`).
+
 References: You, Gitman & Ginsburg 2017, arXiv:1708.03888 (LARS); You et al. 2020, arXiv:1904.00962 (LAMB).
 """
 
@@ -32,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from ds_spngd.config import SPNGDConfigError
+from ds_spngd.integrations.deepspeed.construction import step_disabled
 from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, zero_stage
 
 logger = logging.getLogger("ds_spngd")
@@ -247,8 +252,9 @@ def initialize_first_order(ds_config: dict[str, Any], ds_kwargs: dict[str, Any])
     otherwise the pytorch-optimizer class is built on ``model_parameters`` (or ``model.parameters()``) and passed as
     the client optimizer with the ``optimizer`` section removed. Its ``step`` is a no-op while DeepSpeed builds its
     wrappers (the bf16 wrapper steps once with zero gradients, which would move LARS weights by the weight-decay
-    term); ``gradient_clipping`` is set to 0 when the JSON does not set it (DeepSpeed 0.19.8 clips at 1.0 by default,
-    as for SP-NGD).
+    term; :func:`ds_spngd.integrations.deepspeed.construction.step_disabled`, as for SP-NGD);
+    ``gradient_clipping`` is set to 0 when the JSON does not set it (DeepSpeed 0.19.8 clips at 1.0 by default, as
+    for SP-NGD).
 
     Returns:
         deepspeed.initialize's ``(engine, optimizer, training_dataloader, lr_scheduler)``.
@@ -289,9 +295,6 @@ def initialize_first_order(ds_config: dict[str, Any], ds_kwargs: dict[str, Any])
     else:
         raise ValueError(f"{name} needs the parameters: pass model= or model_parameters=")
     optimizer = build_first_order(kind, hyper, params)
-    setattr(optimizer, "step", lambda *a, **k: None)  # noqa: B010 - instance override while DeepSpeed builds
-    try:
+    with step_disabled(optimizer):  # DeepSpeed's precision wrappers call step() once while being built
         return deepspeed.initialize(**{**ds_kwargs, "optimizer": optimizer, "model_parameters": params,
                                        "config": ds_config})  # fmt: skip
-    finally:
-        delattr(optimizer, "step")  # the class's own step again

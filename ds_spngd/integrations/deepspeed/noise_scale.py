@@ -22,6 +22,11 @@ Supported: ZeRO stage 0 (fp32, bf16, fp16; B_simple does not depend on a loss sc
 gradients inside its own hooks and partitions, so the per-rank full gradient never exists: the measurement is
 disabled there with one logged line.
 
+Seams and patches: the config is a top-level JSON section (DeepSpeed accepts unknown top-level keys) and the values go
+to ``engine.monitor.write_events``; DeepSpeed has no callback around its all-reduce, so ``engine.allreduce_gradients``
+is wrapped on the instance, the estimator is stored as ``engine.noise_scale_estimator`` and BF16_Optimizer's
+``get_grads_for_reduction`` is read (entries of :data:`.patches.PATCHES`).
+
 Config (a top-level section of the DeepSpeed JSON, which DeepSpeed 0.19.8 accepts and ignores)::
 
     "gradient_noise_scale": {"enabled": true, "ema": 0.95}

@@ -1,17 +1,25 @@
-"""Where the optimizer finds gradients and parameters: the seam that keeps ZeRO out of the curvature math (in the spirit
-of Distributed Shampoo's ``distributor``).
+"""ZeRO stages 1 and 2 (DeepSpeedZeroOptimizer, and DeepSpeed's BF16_Optimizer): SP-NGD's gradient access over
+DeepSpeed's flat fp32 partitions, and the two pieces of glue that partitioning needs.
 
-* :class:`DenseGradients` — ZeRO stage 0 (fp32, or DeepSpeed's bf16 wrapper with fp32 clones): the optimizer's
-  ``param_groups`` hold whole parameters whose ``.grad`` is the global average. Blocks are found by position.
-* :class:`PartitionedGradients` — ZeRO stages 1 and 2 (and DeepSpeed's BF16_Optimizer): each parameter group holds
-  one parameter, this rank's flat fp32 partition of the group; each model parameter's ``_hp_mapping`` (DeepSpeed's
-  fragment map) says which group (``param_group_index``) and which slice of its partition lives here. A block's full
-  gradient is rebuilt by summing zero-padded fragments over the ranks (all-reduce for ``comm_opt``, reduce to the
-  block's owner for ``mem_opt``); the preconditioned result is written back into this rank's slices only, and
-  momentum / weight decay stay elementwise on the partitions with each group's own lr, momentum and weight_decay
-  (ZeRO's memory saving is kept). Chosen over preconditioning before DeepSpeed's reduction (which cannot form
-  KL-clipping's Σ F̂⁻¹g·g of the *averaged* gradient) and over aligning owners with ZeRO's partitions (which cut
-  layers anywhere).
+* :class:`PartitionedGradients` implements :class:`ds_spngd.gradients.GradientAccess` (the seam that keeps ZeRO out
+  of the curvature math; the stage-0 counterpart, :class:`ds_spngd.gradients.DenseGradients`, stays with the
+  optimizer). Each parameter group holds one parameter, this rank's flat fp32 partition of the group; each model
+  parameter's ``_hp_mapping`` (DeepSpeed's fragment map) says which group (``param_group_index``) and which slice of
+  its partition lives here. A block's full gradient is rebuilt by summing zero-padded fragments over the ranks
+  (all-reduce for ``comm_opt``, reduce to the block's owner for ``mem_opt``); the preconditioned result is written
+  back into this rank's slices only, and momentum / weight decay stay elementwise on the partitions with each group's
+  own lr, momentum and weight_decay (ZeRO's memory saving is kept). Chosen over preconditioning before DeepSpeed's
+  reduction (which cannot form KL-clipping's Σ F̂⁻¹g·g of the *averaged* gradient) and over aligning owners with
+  ZeRO's partitions (which cut layers anywhere).
+* :func:`glue_zero_partitions` (called by :func:`ds_spngd.integrations.deepspeed.engine.attach`) installs the
+  write-back of the groups DeepSpeed stepped before the last one, and returns the :class:`StateLinks` that re-link
+  DeepSpeed's optimizer-state fragments to SP-NGD's momentum.
+
+Seam: none. DeepSpeed's public ``deepspeed.utils.safe_get_full_grad`` & co. are per-parameter collectives returning
+full tensors, so this module reads ZeRO's internals; each is an entry of
+:data:`ds_spngd.integrations.deepspeed.patches.PATCHES` (``param._hp_mapping``, ``wrapper.single_partition_of_fp32_
+groups``, ``wrapper.parallel_partitioned_bit16_groups``, ``wrapper.real_dp_process_group``, ``wrapper.bit16_groups``,
+``deepspeed.utils.lazy_init_hp_params_optimizer_state``, ``wrapper._optimizer_step``).
 
 Several parameter groups under ZeRO 1/2 (decay / no-decay recipes; a block's weight and bias may sit in different
 groups). How DeepSpeed 0.19.8 calls ``step()`` (``deepspeed/runtime/zero/stage_1_and_2.py``):
@@ -33,7 +41,7 @@ order 0, 1, …); the last call restores the full ``param_groups`` and the kept 
 once — one agreement, inversion, preconditioning of every block, KL-clipping over all blocks, each group's
 elementwise update — then copies the earlier groups' updated fp32 partitions into DeepSpeed's low-precision
 partitions (the copy DeepSpeed made right after their no-op calls, l. 3143–3145; :attr:`PartitionedGradients.
-write_back`, installed by :func:`ds_spngd.integrations.deepspeed.engine.attach`), before DeepSpeed's all-gather. Every rank makes the
+write_back`, installed by :func:`glue_zero_partitions`), before DeepSpeed's all-gather. Every rank makes the
 same calls in the same order, so the collectives stay at fixed places; momentum lives in ``state[partition]`` per
 group as before. DeepSpeed's ``BF16_Optimizer`` (bf16, ZeRO 1, fp32 gradient accumulation; ``bf16_optimizer.py``
 l. 414–431) and stage 0 call ``step()`` once with every group, which needs nothing special. DeepSpeed drops empty
@@ -45,9 +53,8 @@ keeps them valid whatever buffer DeepSpeed builds them in. KL-clipping's η is `
 0. Rejected: wrapping DeepSpeed's group loop from ``attach`` (it would re-implement ``_optimizer_step``'s branches —
 torch autocast GradScaler, ZenFlow, CPU offload — and DeepSpeed's fp32 → low-precision copies); merging the groups
 into one for DeepSpeed (schedulers set each group's lr, ratios between groups would be lost). The optimizer-state
-fragments DeepSpeed links after the first group's call are linked again by ``attach`` once the momentum exists.
-
-It implements :class:`ds_spngd.gradients.GradientAccess`, the interface :class:`ds_spngd.SPNGD` steps through.
+fragments DeepSpeed links after the first group's call are linked again once the momentum exists
+(:class:`StateLinks`).
 """
 
 from __future__ import annotations
@@ -60,13 +67,12 @@ from torch import Tensor
 
 from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, world_size
 from ds_spngd.curvature.base import FisherBlock
-
 from ds_spngd.gradients import BlockGrads, Groups, Position
 
-__all__ = ["PartitionedGradients", "is_partitioned"]
+__all__ = ["PartitionedGradients", "StateLinks", "glue_zero_partitions", "is_partitioned"]
 
 
-def is_partitioned(params: Sequence[torch.nn.Parameter]) -> bool:
+def is_partitioned(params: Sequence[Tensor]) -> bool:
     """True when DeepSpeed mapped these model parameters onto flat fp32 partitions (ZeRO 1/2, BF16_Optimizer)."""
     return any(hasattr(p, "_hp_mapping") for p in params)
 
@@ -81,7 +87,7 @@ class PartitionedGradients:
 
     Attributes:
         write_back: ``write_back(i)`` copies group i's fp32 partition into DeepSpeed's low-precision partition; needed
-            when DeepSpeed steps the groups one at a time (set by :func:`ds_spngd.integrations.deepspeed.engine.attach`).
+            when DeepSpeed steps the groups one at a time (set by :func:`glue_zero_partitions`).
 
     Raises:
         ValueError: a group that does not hold exactly one flat partition, or a parameter of a block without
@@ -129,7 +135,8 @@ class PartitionedGradients:
             raise RuntimeError(
                 f"SP-NGD under ZeRO 1/2 with {n} parameter groups: step() was called with {len(groups)} group(s) "
                 f"(group {which[0] if which else '?'}, after {seen} earlier group(s) of this step); {why}. "
-                "ds_spngd.gradients documents the calling pattern of DeepSpeed 0.19.8 this relies on.")
+                "ds_spngd.integrations.deepspeed.zero documents the calling pattern of DeepSpeed 0.19.8 this relies "
+                "on.")
         k = which[0]
         if k < n - 1:
             grad = self._flats[k].grad
@@ -287,3 +294,59 @@ class PartitionedGradients:
     def momentum_numel(self) -> int:
         """Elements of the momentum buffers this rank keeps: the partitions of the groups with momentum ≠ 0."""
         return sum(int(g["params"][0].numel()) for g in self.opt.param_groups if float(g["momentum"]) != 0.0)
+
+
+# DeepSpeedZeroOptimizer's attributes the ZeRO glue reads (PATCHES: wrapper.<name>)
+_ZERO_ATTRIBUTES = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group",
+                    "bit16_groups")
+
+
+class StateLinks:
+    """Re-links each parameter's ``_hp_mapping.optim_fragment`` (what ``deepspeed.utils.
+    safe_get_full_optimizer_state`` reads) to SP-NGD's momentum.
+
+    DeepSpeed links them once, right after the first group's ``step()`` call (stage_1_and_2.py l. 2987, 852–857), and
+    not again after loading a checkpoint; SP-NGD creates its momentum buffers on the last group's call (or not at all
+    on a skipped first step). :meth:`after_step` links them after the first applied step, and again after the first
+    applied step that follows each :meth:`invalidate` (a ``load_checkpoint``).
+    """
+
+    def __init__(self, wrapper: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.wrapper, self.optimizer = wrapper, optimizer
+        self.stale = True
+
+    def after_step(self, applied: bool) -> None:
+        """After a boundary step: link again when the links are stale and the step was applied."""
+        if not (self.stale and applied):
+            return
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        for lp_params, flat in zip(self.wrapper.bit16_groups, self.wrapper.single_partition_of_fp32_groups,
+                                   strict=True):
+            lazy_init_hp_params_optimizer_state(lp_params, flat, self.optimizer.state)
+        self.stale = False
+
+    def invalidate(self) -> None:
+        """The optimizer state was replaced (a checkpoint was loaded): link again after the next applied step."""
+        self.stale = True
+
+
+def glue_zero_partitions(wrapper: Any, optimizer: torch.optim.Optimizer,
+                         grads: PartitionedGradients | None) -> StateLinks | None:
+    """ZeRO 1/2 (DeepSpeedZeroOptimizer) glue: install ``grads.write_back`` (DeepSpeed's own fp32 → low-precision
+    copy after group i's step, stage_1_and_2.py l. 3143–3145, which SP-NGD's deferred step must redo for the earlier
+    groups) and return the :class:`StateLinks` of the optimizer-state fragments.
+
+    Returns:
+        None when ``grads`` is None (stage 0) or the wrapper is not DeepSpeedZeroOptimizer (BF16_Optimizer steps
+        every group in one call and links after it).
+    """
+    if grads is None or not all(hasattr(wrapper, a) for a in _ZERO_ATTRIBUTES):
+        return None
+
+    def write_back(i: int) -> None:
+        part = rank(wrapper.real_dp_process_group[i])
+        wrapper.parallel_partitioned_bit16_groups[i][part].data.copy_(wrapper.single_partition_of_fp32_groups[i].data)
+
+    grads.write_back = write_back
+    return StateLinks(wrapper, optimizer)

@@ -1,0 +1,253 @@
+"""``ds_spngd.initialize``: deepspeed.initialize with SP-NGD selectable from the JSON.
+
+DeepSpeed has no registry for custom optimizer names, so a user's script changes one call::
+
+    engine, optimizer, loader, scheduler = ds_spngd.initialize(args=args, model=model,
+                                                               model_parameters=model.parameters())
+
+and writes ``"optimizer": {"type": "SPNGD", "params": {...}}`` in the DeepSpeed JSON. Any other optimizer type is
+passed to deepspeed.initialize untouched. For SPNGD the wrapper
+
+* loads the config (path, dict, or ``args.deepspeed_config``) and validates ``optimizer.params`` before anything is
+  built (:class:`ds_spngd.config.SPNGDConfigError` names the key);
+* sets ``gradient_clipping`` to 0 when the JSON does not set it: DeepSpeed 0.19.8 defaults to clipping at norm 1.0,
+  which would silently rescale the gradient before preconditioning;
+* refuses what is not supported with a message saying why: ZeRO stage 3, and fp16 at stage 0 (DeepSpeed 0.19.8's
+  stage-0 fp16 wrapper under-steps non-scale-invariant optimizers); ZeRO 1/2 (fp32, bf16, fp16) are supported and
+  ``zero_allow_untested_optimizer`` is set for them;
+* builds :class:`ds_spngd.SPNGD` on the raw model (its hooks must be registered before DeepSpeed wraps the model) and
+  hands it to deepspeed.initialize as a client optimizer (DeepSpeed's seam for custom optimizers), so DeepSpeed's
+  JSON ``scheduler``, monitors, bf16 and checkpoints work as usual; its step is a no-op while DeepSpeed builds its
+  wrappers (:func:`ds_spngd.integrations.deepspeed.construction.step_disabled`);
+* then glues SP-NGD to the engine (:func:`ds_spngd.integrations.deepspeed.engine.attach`) and logs SP-NGD's report
+  and planned memory per rank.
+
+For every optimizer type, a top-level ``"gradient_noise_scale": {"enabled": true, "ema": 0.95}`` section measures
+the gradient noise scale B_simple at each step (:mod:`.noise_scale`, ZeRO stage 0, two or more ranks).
+
+``"type": "LARS"`` / ``"Lamb"`` select the layer-wise first-order baselines (:mod:`.first_order`): unless DeepSpeed's
+own FusedLamb runs them (Lamb on CUDA), the wrapper validates their params, builds the pytorch-optimizer class on the
+parameters and passes it to deepspeed.initialize as a client optimizer (ZeRO stage 0; fp32 or bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import log_dist
+
+from ds_spngd.config import SPNGDConfig, SPNGDConfigError, parse_spngd_params
+from ds_spngd.integrations.deepspeed.construction import step_disabled
+from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, zero_stage
+from ds_spngd.integrations.deepspeed.engine import attach
+from ds_spngd.integrations.deepspeed.first_order import initialize_first_order, is_first_order_config
+from ds_spngd.integrations.deepspeed.noise_scale import NoiseScaleConfig, attach_noise_scale, parse_noise_scale
+from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
+from ds_spngd.optimizer import SPNGD
+from ds_spngd.placement import PLACEMENTS
+
+__all__ = ["initialize", "load_ds_config", "is_spngd_config", "get_spngd", "memory_report"]
+
+logger = logging.getLogger("ds_spngd")
+
+
+def load_ds_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of a DeepSpeed config given as a dict or a JSON file path.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        SPNGDConfigError: the file is not valid JSON (message gives file, line and column) or not a JSON object.
+    """
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = json.load(f)
+        except json.JSONDecodeError as err:
+            raise SPNGDConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(loaded, dict):
+        raise SPNGDConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def is_spngd_config(ds_config: dict[str, Any]) -> bool:
+    """True when the config's optimizer section selects SP-NGD (type "SPNGD", case-insensitive)."""
+    section = ds_config.get("optimizer")
+    return isinstance(section, dict) and str(section.get("type", "")).lower() == "spngd"
+
+
+def get_spngd(engine_or_optimizer: Any) -> SPNGD | None:
+    """The SP-NGD optimizer behind a DeepSpeed engine or optimizer wrapper, or None."""
+    obj = engine_or_optimizer
+    for attr in ("basic_optimizer", "optimizer"):  # PATCHES: engine.basic_optimizer
+        if isinstance(obj, SPNGD):
+            return obj
+        obj = getattr(obj, attr, None)
+    return obj if isinstance(obj, SPNGD) else None
+
+
+def memory_report(spngd: SPNGD) -> str:
+    """SP-NGD's planned memory per rank: the maximum over ranks of :meth:`SPNGD.memory_plan` per category, and the
+    total of the rank that needs most (computed locally: the plan depends on shapes and owners only)."""
+    plans = plans_per_rank(spngd)
+    worst = max(plans, key=lambda p: p["total"])
+    per_cat = {k: max(p[k] for p in plans) for k in (*CATEGORIES, "total")}
+    return (format_memory(per_cat, "SP-NGD memory per rank, max over ranks per category") + "\n"
+            + format_memory(worst, f"rank {plans.index(worst)} (largest total)"))
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: str | dict[str, Any] | None = None,
+    mesh_param: Any = None,
+    config_params: str | dict[str, Any] | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Drop-in replacement for ``deepspeed.initialize`` that understands ``"optimizer": {"type": "SPNGD"}`` (and
+    ``"LARS"`` / ``"Lamb"``, :func:`ds_spngd.integrations.deepspeed.first_order.initialize_first_order`).
+
+    Arguments and return value are deepspeed.initialize's: (engine, optimizer, training_dataloader, lr_scheduler).
+    The returned optimizer is DeepSpeed's (a bf16 wrapper around SP-NGD, or SP-NGD itself); :func:`get_spngd`
+    finds the SP-NGD object.
+
+    Raises:
+        SPNGDConfigError: invalid or unsupported SP-NGD configuration (before anything is built); its subclass
+            :class:`ds_spngd.integrations.deepspeed.first_order.OptimizerConfigError` for LARS / Lamb.
+        ValueError: SPNGD selected but an optimizer object was also passed, or no model.
+    """
+    passthrough = dict(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=config, mesh_param=mesh_param, config_params=config_params,
+    )
+    source = config if config is not None else config_params
+    args_config = getattr(args, "deepspeed_config", None) if args is not None else None
+    if source is None:
+        source = args_config
+    if source is None:
+        return deepspeed.initialize(**passthrough)
+    ds_config = load_ds_config(source)
+    noise_cfg = parse_noise_scale(ds_config)  # top-level "gradient_noise_scale" (DeepSpeed ignores the key)
+    if not (is_spngd_config(ds_config) or is_first_order_config(ds_config)):
+        built = deepspeed.initialize(**passthrough)
+    else:  # the JSON's optimizer section is replaced by an object: args must not point DeepSpeed at the file
+        ds_args = _without_config_path(args) if args_config is not None else args
+        ds_kwargs = {**passthrough, "args": ds_args, "config_params": None}
+        if is_spngd_config(ds_config):
+            return _initialize_spngd(ds_config, noise_cfg, ds_kwargs)
+        built = initialize_first_order(ds_config, ds_kwargs)  # LARS / Lamb
+    attach_noise_scale(built[0], noise_cfg)
+    return built
+
+
+def _initialize_spngd(ds_config: dict[str, Any], noise_cfg: NoiseScaleConfig,
+                      ds_kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """The SPNGD route of :func:`initialize` (``ds_kwargs``: deepspeed.initialize's, ``args`` without a config
+    path)."""
+    model = ds_kwargs["model"]
+    if ds_kwargs["optimizer"] is not None:
+        raise ValueError("the config selects optimizer type SPNGD, but an optimizer object was passed as well")
+    if model is None:
+        raise ValueError("SP-NGD needs the model (its layers get curvature hooks): pass model=...")
+    spngd_cfg = _spngd_config(ds_config, noise_cfg)
+    _engine_config(ds_config)
+    given = ds_kwargs["model_parameters"]
+    params = list(model.parameters() if given is None else given)
+    spngd = SPNGD(params, model=model, config=spngd_cfg)
+    with step_disabled(spngd):  # DeepSpeed's precision wrappers call step() once while being built
+        engine, ds_opt, loader, scheduler = deepspeed.initialize(
+            **{**ds_kwargs, "optimizer": spngd, "model_parameters": params, "config": ds_config})
+    attach(engine, spngd, fp16=fp16_enabled(ds_config))
+    attach_noise_scale(engine, noise_cfg)
+    log_dist(spngd.report(), ranks=[0])  # DeepSpeed's logger prints INFO; the library logger is left to the user
+    log_dist(memory_report(spngd), ranks=[0])
+    return engine, ds_opt, loader, scheduler
+
+
+def _check_supported(ds_config: dict[str, Any]) -> None:
+    """Refuse ZeRO 3, stage-0 fp16 and non-positive batch sizes before anything is built."""
+    stage = zero_stage(ds_config)
+    if stage not in (0, 1, 2):
+        raise SPNGDConfigError(
+            f"zero_optimization.stage={stage} is not supported by SP-NGD: stage 3 partitions the parameters "
+            "themselves, so no rank holds a layer's weight to precondition. Use stage 1 or 2 (or 0)."
+        )
+    if fp16_enabled(ds_config) and stage == 0:
+        raise SPNGDConfigError(
+            "fp16.enabled=true with ZeRO stage 0 is not supported: DeepSpeed 0.19.8's stage-0 fp16 wrapper divides "
+            "the update by the loss scale without scaling the loss, which under-steps SP-NGD. Use fp16 with ZeRO "
+            "stage 1 or 2, or bf16 / fp32 at any stage."
+        )
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = ds_config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise SPNGDConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
+def _spngd_config(ds_config: dict[str, Any], noise_cfg: NoiseScaleConfig) -> SPNGDConfig:
+    """Validate the engine settings and the ``optimizer`` section; every offending key is named.
+
+    Raises:
+        SPNGDConfigError: unsupported engine settings (:func:`_check_supported`), unknown section keys or invalid
+            params, or ``precondition_mode: "reduce_scatter"`` with ZeRO 1/2 or with the gradient noise scale.
+    """
+    _check_supported(ds_config)
+    unknown = sorted(set(ds_config["optimizer"]) - {"type", "params"})
+    unknown_lines = [f"  optimizer.{k}: unknown key (the optimizer section takes 'type' and 'params')" for k in unknown]
+    try:
+        spngd_cfg = parse_spngd_params(ds_config["optimizer"].get("params"))
+    except SPNGDConfigError as err:
+        raise SPNGDConfigError("\n".join([str(err), *unknown_lines])) from None
+    if unknown_lines:
+        raise SPNGDConfigError("invalid SP-NGD config:\n" + "\n".join(unknown_lines))
+    mode = spngd_cfg.precondition_mode
+    if PLACEMENTS[mode].reduces_gradients:  # the placement replaces DeepSpeed's gradient all-reduce
+        if zero_stage(ds_config) != 0:
+            raise SPNGDConfigError(
+                f'optimizer.params.precondition_mode="{mode}" needs zero_optimization.stage=0 (now '
+                f"{zero_stage(ds_config)}): it replaces DeepSpeed's gradient all-reduce, which ZeRO 1/2 turn into "
+                'their own reduce-scatter; use "comm_opt" or "mem_opt" with ZeRO 1/2')
+        if noise_cfg.enabled:
+            raise SPNGDConfigError(
+                f'gradient_noise_scale.enabled=true cannot be used with precondition_mode="{mode}": the noise '
+                "scale reads the gradient norms around DeepSpeed's all-reduce, which this mode turns off")
+    return spngd_cfg
+
+
+def _engine_config(ds_config: dict[str, Any]) -> None:
+    """Turn the (private copy of the) JSON into the one DeepSpeed gets: ``gradient_clipping`` 0 unless set, no
+    ``optimizer`` section (SP-NGD is passed as an object), ``zero_allow_untested_optimizer`` under ZeRO 1/2."""
+    if "gradient_clipping" not in ds_config:
+        ds_config["gradient_clipping"] = 0.0
+        logger.info("SP-NGD: gradient_clipping not set; using 0 (DeepSpeed's default 1.0 would rescale gradients)")
+    elif float(ds_config["gradient_clipping"]) > 0:
+        logger.warning("SP-NGD: gradient_clipping=%s clips the raw gradient before preconditioning; kl_clip is the "
+                       "natural-gradient analogue", ds_config["gradient_clipping"])
+    del ds_config["optimizer"]
+    if zero_stage(ds_config) in (1, 2):
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+
+
+def _without_config_path(args: Any) -> Any:
+    """A copy of ``args`` with ``deepspeed_config = None`` (DeepSpeed refuses a config path and a dict together)."""
+    ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
+    ds_args.deepspeed_config = None
+    return ds_args
