@@ -10,8 +10,8 @@ Usage::
 Conventions are train.py's: the JSON is read here, batch sizes / ``"auto"`` scheduler fields are resolved (the LR
 schedule spans the run's ``total`` steps: ``--max-steps``, or ``--epochs`` of the train windows), and the dict goes to
 ``ds_spngd.initialize`` (SP-NGD or any DeepSpeed optimizer). Data order is one shared permutation of the training
-windows per epoch (:mod:`ds_spngd_lab.data.text`, :mod:`ds_spngd_lab.data.sampler`): the same ``--seed`` gives every optimizer
-the same batches. Each optimizer step runs ``gradient_accumulation_steps`` micro-batches of
+windows per epoch (:mod:`ds_spngd_lab.data.text`, :mod:`ds_spngd_lab.data.sampler`): the same ``--seed`` gives every
+optimizer the same batches. Each optimizer step runs ``gradient_accumulation_steps`` micro-batches of
 ``forward -> engine.backward -> engine.step``; the loss is the mean token cross-entropy (nats). Validation loss (mean
 over the tokens of a fixed subset of validation windows, sharded over ranks) is evaluated at step 0, every
 ``--eval-interval`` steps and at the end; evaluation time is excluded from the training wall time. Parameters are
@@ -19,6 +19,10 @@ split into decay / no-decay groups (biases, norms and embeddings do not decay); 
 weight decay of 0, where the split makes no difference) passes one group. Rank 0 writes ``steps.csv`` (step, samples =
 sequences, train loss, lr, wall time) and ``result.json`` (validation curve, per-step times, peak RSS of every rank)
 to ``--out-dir`` and prints a result table.
+
+The loop, the step log and the result type and table are the lab's (:mod:`ds_spngd_lab.loop`,
+:mod:`ds_spngd_lab.results`), shared with train.py; this script holds the command line, the data, the model and the
+validation loss's wiring (:mod:`ds_spngd_lab.evaluation`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,7 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,23 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import ds_spngd
 from ds_spngd_lab.data.sampler import BatchPlan
 from ds_spngd_lab.data.text import EvalWindows, TextData, TokenWindows, load_text_data
+from ds_spngd_lab.evaluation import validation_loss
+from ds_spngd_lab.loop import (
+    VAL_LOSS,
+    LoopPlan,
+    TrainingLoop,
+    build_engine,
+    engine_dtype,
+    optimizer_type,
+    read_ds_config,
+    report_run,
+)
 from ds_spngd_lab.models.gpt import LM_NAMES, build_lm, lm_logits, param_groups
-from ds_spngd_lab.run_log import StepLog, agreed_step_loss, finish_ranks, read_ds_config, render_table, start_ranks
+from ds_spngd_lab.ranks import finish_ranks, peak_rss_mib, start_ranks
+from ds_spngd_lab.results import LMResult, format_lm_table
 from ds_spngd_lab.schedules.scaling import batch_layout, resolve_config
 
 STEP_KEYS = ("total_num_steps", "total_iters")
@@ -124,88 +135,29 @@ def schedule_config(raw: dict[str, Any], args: argparse.Namespace, total_steps: 
     return cfg
 
 
-@torch.no_grad()
-def evaluate(engine: Any, source: EvalWindows, rank: int, world: int, batch: int) -> float:
-    """Mean validation cross-entropy per token (nats) over ``source``'s windows (each rank its shard, sums reduced)."""
-    engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    for x, y in source.batches(rank, world, batch):
-        logits = lm_logits(engine(x.to(engine.device)))
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(engine.device).reshape(-1),
-                               reduction="sum")  # fmt: skip
-        sums += torch.tensor([float(loss), y.numel()], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    engine.train()
-    if sums[1] == 0:
-        raise RuntimeError("the validation subset is empty")
-    return float(sums[0] / sums[1])
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def peak_rss_mib(world: int) -> list[float]:
-    """Peak resident memory (``ru_maxrss``, MiB) of every rank's process, gathered onto all ranks."""
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    if world == 1:
-        return [mine]
-    vec = torch.zeros(world, dtype=torch.float64)
-    vec[dist.get_rank()] = mine
-    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    return [float(v) for v in vec]
+def build_engine_for(args: argparse.Namespace, vocab: int, config: dict[str, Any]) -> tuple[Any, bool, int, bool]:
+    """Seed, build ``--model`` and its DeepSpeed engine with decay / no-decay parameter groups (one group with
+    ``--param-groups single`` or an explicit JSON weight decay of 0).
 
-
-@dataclass(frozen=True)
-class LMResult:
-    """Outcome of one language-model run (``result.json`` holds these keys plus the run's settings).
-
-    Attributes:
-        steps: optimizer steps taken. epochs: ``steps / steps_per_epoch``. tokens: training tokens consumed.
-        wall_time_s: training wall time (s), evaluation excluded. median_step_s: median time of one optimizer step.
-        val_loss: last validation loss (nats/token). final_loss: mean training loss of the last step.
-        target_loss / steps_to_target / time_to_target_s: first evaluation at or below ``target_loss`` (None: not
-        set or not reached). evals: ``(step, training wall time s, validation loss)`` per evaluation, step 0 first.
-        peak_rss_mib: peak resident memory per rank (MiB, index = rank).
+    Returns:
+        ``(engine, skips_nonfinite, parameter count, single group)``.
     """
-
-    steps: int
-    epochs: float
-    tokens: int
-    wall_time_s: float
-    median_step_s: float
-    val_loss: float
-    final_loss: float
-    target_loss: float | None
-    steps_to_target: int | None
-    time_to_target_s: float | None
-    evals: tuple[tuple[int, float, float], ...]
-    peak_rss_mib: tuple[float, ...]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """Plain dict (non-finite floats become None; tuples become lists)."""
-        out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
-        out["evals"] = [list(e) for e in self.evals]
-        out["peak_rss_mib"] = list(self.peak_rss_mib)
-        return out
-
-
-def format_lm_table(result: LMResult, extra: dict[str, Any]) -> str:
-    """Aligned two-column text table of the settings ``extra`` and ``result``."""
-    target = "-"
-    if result.target_loss is not None:
-        target = ("not reached" if result.steps_to_target is None or result.time_to_target_s is None
-                  else f"{result.steps_to_target} steps, {result.time_to_target_s:.1f} s")  # fmt: skip
-    rows = [(k, str(v)) for k, v in extra.items()] + [
-        ("steps", str(result.steps)), ("epochs", f"{result.epochs:.3f}"), ("tokens", str(result.tokens)),
-        ("train wall time", f"{result.wall_time_s:.1f} s (eval excluded)"),
-        ("median step time", f"{result.median_step_s:.3f} s"),
-        ("final train loss", f"{result.final_loss:.4f}"),
-        ("validation loss", f"{result.val_loss:.4f} (ppl {math.exp(min(result.val_loss, 50)):.1f})"),
-        (f"to val loss {result.target_loss}" if result.target_loss is not None else "target", target),
-        ("peak RSS per rank", ", ".join(f"{m:.0f} MiB" for m in result.peak_rss_mib)),
-    ]  # fmt: skip
-    return render_table(rows)
+    torch.manual_seed(args.seed)
+    model = build_lm(args.model, vocab, args.n_layer, args.n_head, args.n_embd, args.context, args.dropout, args.norm)
+    opt_params = config.get("optimizer", {}).get("params", {})
+    # an explicit weight decay of 0 makes the split pointless (a missing key may mean the optimizer's own default)
+    single = args.param_groups == "single" or opt_params.get("weight_decay", None) in (0, 0.0)
+    groups: Any = list(model.parameters()) if single else param_groups(model)
+    engine, skips_nonfinite = build_engine(args, model, groups, config)
+    return engine, skips_nonfinite, sum(p.numel() for p in model.parameters()), single
 
 
 def main(argv: list[str] | None = None) -> LMResult:
+    """Train with the command line ``argv`` (None: ``sys.argv``) and return the run's result (on every rank)."""
     args = parse_args(argv)
     rank, world = start_ranks()
     config_path, raw = read_ds_config(args)
@@ -220,92 +172,46 @@ def main(argv: list[str] | None = None) -> LMResult:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     config = resolve_config(schedule_config(raw, args, total_steps), global_batch, spe, total_steps / spe, world)
-
-    torch.manual_seed(args.seed)
     vocab = data.vocab_size
-    model = build_lm(args.model, vocab, args.n_layer, args.n_head, args.n_embd, args.context, args.dropout, args.norm)
-    opt_params = config.get("optimizer", {}).get("params", {})
-    # an explicit weight decay of 0 makes the split pointless (a missing key may mean the optimizer's own default)
-    single = args.param_groups == "single" or opt_params.get("weight_decay", None) in (0, 0.0)
-    groups: Any = list(model.parameters()) if single else param_groups(model)
-    engine, _, _, _ = ds_spngd.initialize(args=args, model=model, model_parameters=groups, config=config)
-    spngd = ds_spngd.get_spngd(engine)
-    skips_nonfinite = spngd is not None and spngd.cfg.nonfinite == "skip"
+    engine, skips_nonfinite, n_params, single = build_engine_for(args, vocab, config)
 
-    eval_interval = args.eval_interval or max(1, total_steps // 10)
     out_dir = Path(args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}")
-    optimizer_type = str(config.get("optimizer", {}).get("type", "client"))
-    dtype = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     zero = int((config.get("zero_optimization") or {}).get("stage", 0))
-    settings = {"model": args.model, "optimizer": optimizer_type, "config": str(config_path), "world_size": world,
-                "global_batch": global_batch, "micro_batch": micro, "gradient_accumulation_steps": gas,
-                "context": args.context, "tokenizer": args.tokenizer, "vocab": vocab, "data_key": data.key,
-                "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "norm": args.norm,
-                "parameters": sum(p.numel() for p in model.parameters()), "steps_per_epoch": spe,
-                "total_steps": total_steps, "eval_windows": len(eval_src), "seed": args.seed, "dtype": dtype,
-                "zero_stage": zero, "param_groups": "single" if single else "split",
-                "lr": opt_params.get("lr"), "warmup_steps": config.get("scheduler", {}).get("params", {}).get(
-                    "warmup_num_steps")}  # fmt: skip
+    settings = {"model": args.model, "optimizer": optimizer_type(config), "config": str(config_path),
+                "world_size": world, "global_batch": global_batch, "micro_batch": micro,
+                "gradient_accumulation_steps": gas, "context": args.context, "tokenizer": args.tokenizer,
+                "vocab": vocab, "data_key": data.key, "n_layer": args.n_layer, "n_head": args.n_head,
+                "n_embd": args.n_embd, "norm": args.norm, "parameters": n_params, "steps_per_epoch": spe,
+                "total_steps": total_steps, "eval_windows": len(eval_src), "seed": args.seed,
+                "dtype": DTYPE_NAMES[engine_dtype(engine)], "zero_stage": zero,
+                "param_groups": "single" if single else "split",
+                "lr": config.get("optimizer", {}).get("params", {}).get("lr"),
+                "warmup_steps": config.get("scheduler", {}).get("params", {}).get("warmup_num_steps")}  # fmt: skip
 
-    log = StepLog(out_dir / "steps.csv", enabled=rank == 0)
-    bar = tqdm(total=total_steps, disable=rank != 0, desc=f"{optimizer_type} {args.model}", unit="step",
-               mininterval=1.0)  # fmt: skip
-    monitor = engine.monitor if getattr(engine, "monitor", None) is not None and engine.monitor.enabled else None
-    val = evaluate(engine, eval_src, rank, world, args.eval_batch)
-    evals: list[tuple[int, float, float]] = [(0, 0.0, val)]
-    reached: tuple[int, float] | None = None
-    step_times: list[float] = []
-    train_time, loss_value = 0.0, float("nan")
-    batches = train_src.epoch(0)
-    step = 0
-    while step < total_steps:
-        epoch = step // spe
-        if step % spe == 0 and step > 0:
-            batches = train_src.epoch(epoch)
-        t0 = time.perf_counter()
-        lr = float(engine.get_lr()[0])
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        for micro_idx in range(gas):
-            x, y = next(batches)
-            logits = lm_logits(engine(x.to(engine.device)))
-            loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.to(engine.device).reshape(-1),
-                                   ignore_index=-100)  # fmt: skip
-            engine.backward(loss)
-            loss_sum += loss.detach().double().cpu()
-            if micro_idx == gas - 1:  # before the boundary step: agree on finiteness across ranks
-                loss_value = agreed_step_loss(loss_sum, gas, world, step, not skips_nonfinite)
-            engine.step()
-        step += 1
-        step_times.append(time.perf_counter() - t0)
-        train_time += step_times[-1]
-        log.write(step, step * global_batch, loss_value, lr, train_time)
-        if monitor is not None:
-            monitor.write_events([("Train/loss", loss_value, engine.global_samples)])
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}", refresh=False)
-        if step % eval_interval == 0 or step == total_steps:
-            val = evaluate(engine, eval_src, rank, world, args.eval_batch)
-            evals.append((step, train_time, val))
-            if monitor is not None:
-                monitor.write_events([("Val/loss", val, engine.global_samples)])
-            if args.target_loss is not None and reached is None and val <= args.target_loss:
-                reached = (step, train_time)
-                if args.stop_at_target:
-                    break
-    bar.close()
-    log.close()
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_logits(engine(x.to(engine.device)))
+        return F.cross_entropy(logits.float().reshape(-1, vocab), y.to(engine.device).reshape(-1), ignore_index=-100)
 
+    loop_plan = LoopPlan(total_steps=total_steps, steps_per_epoch=spe, global_batch=global_batch, micro_batches=gas,
+                         eval_interval=args.eval_interval or max(1, total_steps // 10),
+                         desc=f"{settings['optimizer']} {args.model}", target=args.target_loss,
+                         stop_at_target=args.stop_at_target, eval_at_start=True, monitor_lr=False,
+                         epoch_in_errors=False)  # fmt: skip
+    loop = TrainingLoop(engine, loop_plan, VAL_LOSS, forward_loss,
+                        lambda: validation_loss(engine, eval_src, rank, world, args.eval_batch),
+                        rank=rank, world=world, skips_nonfinite=skips_nonfinite)  # fmt: skip
+    out = loop.run(train_src, out_dir / "steps.csv")
+
+    step, reached = out.steps, out.reached
     result = LMResult(
-        steps=step, epochs=step / spe, tokens=step * global_batch * args.context, wall_time_s=train_time,
-        median_step_s=statistics.median(step_times) if step_times else float("nan"), val_loss=val,
-        final_loss=loss_value, target_loss=args.target_loss, steps_to_target=reached[0] if reached else None,
-        time_to_target_s=reached[1] if reached else None, evals=tuple(evals), peak_rss_mib=tuple(peak_rss_mib(world)),
+        steps=step, epochs=step / spe, tokens=step * global_batch * args.context, wall_time_s=out.train_time_s,
+        median_step_s=statistics.median(out.step_times) if out.step_times else float("nan"), val_loss=out.metric,
+        final_loss=out.loss, target_loss=args.target_loss, steps_to_target=reached[0] if reached else None,
+        time_to_target_s=reached[1] if reached else None, evals=tuple(out.evals),
+        peak_rss_mib=tuple(peak_rss_mib(world)),
     )  # fmt: skip
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        payload = {**settings, **result.to_json_dict(), "step_times_s": [round(t, 5) for t in step_times]}
-        (out_dir / "result.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        print(format_lm_table(result, settings), flush=True)
+    payload = {**settings, **result.to_json_dict(), "step_times_s": [round(t, 5) for t in out.step_times]}
+    report_run(rank, out_dir / "result.json", payload, lambda: format_lm_table(result, settings))
     return result
 
 

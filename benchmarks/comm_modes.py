@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _ranks import worker_or_launch  # benchmarks/ is on sys.path when a script runs
 
 from ds_spngd.comm.wire import record_collectives
 from ds_spngd_lab.models import build_model
+from ds_spngd_lab.ranks import worker_or_launch
 
 ENGINES = ("sgd", "comm_opt", "mem_opt", "reduce_scatter")
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _ranks import launch_ranks  # benchmarks/ is on sys.path when a script runs
 
 from ds_spngd import SPNGD
 from ds_spngd.comm.factor_reduction import factor_traffic_bytes
 from ds_spngd_lab.models import build_model
+from ds_spngd_lab.ranks import launch_ranks
 
 SHAPES = {"cnn4": (10, 1, 28), "resnet18": (1000, 3, 224)}  # classes, channels, image side
 CONFIGS = [("on", "fp32"), ("off", "fp32"), ("on", "bf16"), ("off", "bf16")]  # overlap_comm, comm_dtype

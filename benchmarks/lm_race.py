@@ -25,24 +25,13 @@ import argparse
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from ds_spngd_lab.run_log import remove_shm_buffers
+from ds_spngd_lab.ranks import free_port, run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_config(config: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
@@ -61,20 +50,11 @@ def run_config(config: str, args: argparse.Namespace, extra: list[str]) -> dict[
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "launcher.log"
-    t0 = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        finally:
-            remove_shm_buffers(port)
-    tail = log_path.read_text(errors="replace")[-4000:]
-    if proc.returncode != 0:
-        status = "timed out" if proc.returncode == -signal.SIGKILL else f"exited {proc.returncode}"
-        raise RuntimeError(f"{config} {status} after {time.monotonic() - t0:.0f} s; log {log_path}:\n{tail}")
+    status, _, wall = run_launcher(cmd, dict(os.environ), log_path, port, args.timeout, cwd=ROOT)
+    if status != "ok":
+        tail = log_path.read_text(errors="replace")[-4000:]
+        what = "timed out" if status == "timeout" else "failed"
+        raise RuntimeError(f"{config} {what} after {wall:.0f} s; log {log_path}:\n{tail}")
     return json.loads((out / "result.json").read_text())
 
 

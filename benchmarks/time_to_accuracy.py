@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ds_spngd_lab.run_log import remove_shm_buffers
+from ds_spngd_lab.ranks import remove_shm_buffers
 
 
 def run(config: str, batch: int, args: argparse.Namespace, port: int) -> dict:

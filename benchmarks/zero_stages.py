@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _ranks import worker_or_launch  # benchmarks/ is on sys.path when a script runs
 from torch import Tensor
 
 from ds_spngd_lab.models import build_model
+from ds_spngd_lab.ranks import worker_or_launch
 
 STAGES = (0, 1, 2)
 MODES = ("comm_opt", "mem_opt")

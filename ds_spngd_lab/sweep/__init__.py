@@ -5,8 +5,9 @@ SP-NGD) × learning-rate multiplier × world size, each run through the deepspee
   LR scaling rules of Goyal et al. 2017 and LEGW, the ``wandb`` monitor section, the gradient noise scale section);
 * :mod:`ds_spngd_lab.sweep.runner` — one launch at a time, offline W&B unless logged in, ``/dev/shm`` cleanup of each
   run's own port, one progress line per finished run;
-* :mod:`ds_spngd_lab.sweep.report` — the markdown tables, the figures (test error, steps to target with the perfect-scaling
-  line and the McCandlish et al. 2018 noise-scale prediction, time to target) and their upload as W&B images;
+* :mod:`ds_spngd_lab.sweep.report` — the markdown tables, the figures (test error, steps to target with the
+  perfect-scaling line and the McCandlish et al. 2018 noise-scale prediction, time to target) and their upload as
+  W&B images;
 * :mod:`ds_spngd_lab.sweep.cli` — ``python -m ds_spngd_lab.sweep`` / ``python launch/sweep.py``.
 """
 

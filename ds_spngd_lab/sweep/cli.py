@@ -1,5 +1,5 @@
-"""Command line of the scaling sweep (``python -m ds_spngd_lab.sweep`` or ``python launch/sweep.py``), from the repository
-root::
+"""Command line of the scaling sweep (``python -m ds_spngd_lab.sweep`` or ``python launch/sweep.py``), from the
+repository root::
 
     python -m ds_spngd_lab.sweep --name fmnist --batches 256 1024 4096 16384 --optimizers sgd lars lamb spngd \\
         --lr-mults 0.5 1 2 --worlds 2 --epochs 10 --model mlp --dataset fashion-mnist --target-acc 0.88

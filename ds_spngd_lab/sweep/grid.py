@@ -174,7 +174,8 @@ def run_config(run: RunSpec, base: dict[str, Any], project: str, group: str, wan
     if wandb:
         cfg["wandb"] = {"enabled": True, "project": project, "group": group}
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    if run.world >= 2 and stage == 0:  # B_simple needs b < B and whole local gradients (ds_spngd.integrations.deepspeed.noise_scale)
+    # B_simple needs b < B and whole local gradients (ds_spngd.integrations.deepspeed.noise_scale)
+    if run.world >= 2 and stage == 0:
         cfg["gradient_noise_scale"] = {"enabled": True, "ema": 0.95}
     return cfg
 

@@ -1,4 +1,5 @@
-"""Tables, figures and W&B images of a finished scaling sweep (``<out>/results.json``, :mod:`ds_spngd_lab.sweep.runner`).
+"""Tables, figures and W&B images of a finished scaling sweep (``<out>/results.json``,
+:mod:`ds_spngd_lab.sweep.runner`).
 
 Per optimizer and global batch B the sweep tried several learning rates; the report picks, **per metric**, the best of
 them (the LR is tuned per batch size by the sweep itself, as in Shallue et al. 2018, arXiv:1811.03600): the highest
@@ -10,8 +11,8 @@ Steps to target against batch size are compared with
 * **perfect scaling**: S(B) = S(B₀)·B₀/B from the smallest batch B₀ at which the optimizer reached the target;
 * **the noise-scale prediction** of McCandlish et al. 2018 (arXiv:1812.06162, Eq. 2.11): S = S_min·(1 + B_noise/B),
   with B_noise the *measured* simple noise scale B_simple (``noise_scale_B_simple_at_target`` of the runs'
-  ``result.json``, :mod:`ds_spngd.integrations.deepspeed.noise_scale`: the median over the runs of its value at the evaluation that first
-  reached the target, :func:`measured_noise_scale`) and S_min fitted per optimizer by
+  ``result.json``, :mod:`ds_spngd.integrations.deepspeed.noise_scale`: the median over the runs of its value at the
+  evaluation that first reached the target, :func:`measured_noise_scale`) and S_min fitted per optimizer by
   least squares in log space, log S_min = mean_i(log S_i − log(1 + B_noise/B_i)). For reference the two-parameter
   least-squares fit S_i ≈ a + c/B_i (a = S_min, c = S_min·B_noise) gives a fitted B_noise = c/a.
 

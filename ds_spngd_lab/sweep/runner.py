@@ -8,8 +8,8 @@ Each run of the grid (:mod:`ds_spngd_lab.sweep.grid`) becomes::
 
 on a port free at launch time, with the launcher's whole process group killed when the run exceeds its time limit.
 After every run, ended normally, failed or killed, the ``/dev/shm`` buffers of *its own port* are deleted
-(:func:`ds_spngd_lab.run_log.remove_shm_buffers`; DeepSpeed 0.19.8's CPU all-reduce leaves 69 MB per rank there), so a
-sweep of hundreds of CPU runs does not fill the machine's memory.
+(:func:`ds_spngd_lab.ranks.run_launcher`; DeepSpeed 0.19.8's CPU all-reduce leaves 69 MB per rank there), so a sweep
+of hundreds of CPU runs does not fill the machine's memory.
 
 Weights & Biases: every run logs through DeepSpeed's ``wandb`` monitor (project, group = sweep name) to
 ``WANDB_DIR = <out>``, named by its run id (``WANDB_NAME``) and tagged with its optimizer, batch and LR multiplier.
@@ -28,22 +28,17 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ds_spngd_lab.run_log import remove_shm_buffers
+from ds_spngd_lab.ranks import free_port, run_launcher
 from ds_spngd_lab.sweep.grid import RunSpec, base_config, build_grid, peak_lr, run_config
 
-__all__ = ["RunOutcome", "SweepSettings", "free_port", "launch_run", "run_sweep", "train_size", "wandb_mode",
-           "write_results"]
+__all__ = ["RunOutcome", "SweepSettings", "launch_run", "run_sweep", "train_size", "wandb_mode", "write_results"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SIZES = {"mnist": 50_000, "fashion-mnist": 50_000}  # train splits (ds_spngd_lab.data): the rest is validation
@@ -118,13 +113,6 @@ def train_size(dataset: str) -> int:
     return TRAIN_SIZES[dataset]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the run's MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wandb_mode(requested: str = "auto", env: dict[str, str] | None = None, netrc_path: str | None = None) -> str:
     """The W&B mode for the runs: ``requested`` unless it is ``auto``; then ``WANDB_MODE`` if set, ``online`` when the
     user is logged in (``WANDB_API_KEY``, or a netrc entry for ``WANDB_BASE_URL``'s host, by default
@@ -174,27 +162,10 @@ def run_env(run: RunSpec, s: SweepSettings, mode: str) -> dict[str, str]:
 
 def launch_run(cmd: list[str], env: dict[str, str], log_path: Path, port: int, timeout_s: float,
                stream: bool = False, cwd: Path = ROOT) -> tuple[str, int, float]:
-    """Run the launcher ``cmd`` in its own process group with a deadline, then delete the ``/dev/shm`` buffers of
-    ``port``. Returns ``(status, buffers removed, wall seconds)``: status ``ok``, ``failed`` or ``timeout``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    status = "failed"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=None if stream else log,
-                                stderr=None if stream else subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            status = "ok" if proc.wait(timeout=timeout_s) == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-        finally:
-            if proc.poll() is None:  # timed out, or this process was interrupted: take the ranks down with it
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-            removed = remove_shm_buffers(port)
-    return status, removed, time.monotonic() - t0
+    """Run the launcher ``cmd`` from the repository root (:func:`ds_spngd_lab.ranks.run_launcher`: its own process
+    group, a deadline, then the ``/dev/shm`` buffers of ``port`` deleted). Returns ``(status, buffers removed, wall
+    seconds)``: status ``ok``, ``failed`` or ``timeout``."""
+    return run_launcher(cmd, env, log_path, port, timeout_s, stream=stream, cwd=cwd)
 
 
 def _diverged(log_path: Path) -> bool:
@@ -215,7 +186,7 @@ def progress_line(i: int, n: int, o: RunOutcome) -> str:
     r = o.result
     steps = r.get("steps_to_target")
     reach = f"target at step {steps} ({r['time_to_target_s']:.1f} s)" if steps is not None else "target not reached"
-    noise = r.get("noise_scale_B_simple_at_target")  # the final value is late-training noise (ds_spngd_lab.sweep.report)
+    noise = r.get("noise_scale_B_simple_at_target")  # the final one is late-training noise (ds_spngd_lab.sweep.report)
     noise_s = f", B_simple at target {noise:.0f}" if isinstance(noise, (int, float)) else ""
     return f"{head} top-1 {100 * r['test_top1']:.2f}%, {reach}{noise_s}, {o.wall_s:.0f} s"
 

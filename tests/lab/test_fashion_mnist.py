@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support.harness import load_script
 
 from ds_spngd_lab.data import fashion_mnist as fm
 from ds_spngd_lab.data.idx import read_idx, write_idx
+from tests.support.harness import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.support.harness import free_port, remove_shm_buffers, run_procs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.harness import free_port
 
-from ds_spngd_lab.run_log import remove_shm_buffers, shm_buffers
+from ds_spngd_lab.ranks import free_port, remove_shm_buffers, shm_buffers
 from ds_spngd_lab.schedules.scaling import batch_layout, resolve_config
 from ds_spngd_lab.sweep import report, runner
 from ds_spngd_lab.sweep.grid import OPTIMIZERS, RunSpec, base_config, build_grid, eval_interval, micro_layout, peak_lr

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
+
 from tests.support.harness import ROOT, load_script, remove_shm_buffers, run_procs
 
 
@@ -137,7 +138,7 @@ def test_non_finite_loss_is_skipped_with_nonfinite_skip(
 
 
 def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
-    train = load_script()
+    from ds_spngd_lab.evaluation import recalibrate_bn
     from ds_spngd_lab.models import SmallCNN
 
     torch.manual_seed(0)
@@ -148,13 +149,13 @@ def test_recalibrate_bn_uses_plain_average_of_batches() -> None:
     first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert first_bn.running_mean is not None
     first_bn.running_mean.fill_(123.0)
-    train.recalibrate_bn(model, batches)
+    recalibrate_bn(model, batches)
     with torch.no_grad():
         expected = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in batches]).mean(0)
     assert first_bn.running_mean is not None and torch.allclose(first_bn.running_mean, expected, atol=1e-5)
     assert first_bn.momentum == 0.1 and not model.training  # settings restored
     weights = [p.clone() for p in model.parameters()]
-    train.recalibrate_bn(model, [])
+    recalibrate_bn(model, [])
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 

@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.harness import block_named as block
-from tests.support.harness import spngd_one_step
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ds_spngd import SPNGD
+from tests.support.harness import block_named as block
+from tests.support.harness import spngd_one_step
 
 torch.set_default_dtype(torch.float32)
 DAMPING = 3e-2

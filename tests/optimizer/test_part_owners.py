@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.support.ranks import launch
 from torch import nn
 
 from ds_spngd import SPNGD
@@ -21,6 +20,7 @@ from ds_spngd.comm.assignment import block_cost
 from ds_spngd.comm.inversion import plan_parts
 from ds_spngd.curvature.side import ChunkedSide
 from ds_spngd.curvature.tied import TiedBlock
+from tests.support.ranks import launch
 
 BASE = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 6, "max_factor_dim": 6}
 FULL = {**BASE, "steps": 8, "kl_clip": 0.05, "weight_rescale": True}

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.support.ranks import launch
 
 import ds_spngd
 from ds_spngd.comm.wire import ring_bytes
 from ds_spngd.config import SPNGDConfigError
+from tests.support.ranks import launch
 
 BASE = {"gas": 1, "bf16": False, "inverse_method": "inverse", "steps": 6}
 RS = {**BASE, "mode": "reduce_scatter"}

@@ -15,13 +15,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.harness import spngd_one_step
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ds_spngd import SPNGD
 from ds_spngd.curvature.base import CaptureContext
 from ds_spngd.curvature.unit_wise import UnitWiseBlock, unit_wise_supported
+from tests.support.harness import spngd_one_step
 
 DAMPING = 1e-3
 N, T, D = 6, 5, 4

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.ranks import assert_identical_replicas, launch
 from torch import nn
 
 from ds_spngd import SPNGD
 from ds_spngd.comm.factor_reduction import FactorReducer
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.staleness import next_interval, relative_change
+from tests.support.ranks import assert_identical_replicas, launch
 
 
 def _net() -> nn.Module:

@@ -22,13 +22,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.harness import block_named as block
-from tests.support.harness import spngd_one_step
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ds_spngd import SPNGD
 from ds_spngd.curvature.tied import TiedBlock
+from tests.support.harness import block_named as block
+from tests.support.harness import spngd_one_step
 
 DAMPING = 3e-2
 IGNORE = -100

@@ -4,7 +4,8 @@ tests/integrations/test_cuda.py on CUDA/NCCL; runs on CPU/gloo as well).
 Run as::
 
     RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=p DS_ACCELERATOR=cpu|cuda \
-        python tests/support/cuda_checkpoint_worker.py RESULT_JSON CKPT_DIR CASES_JSON --device cpu|cuda --backend gloo|nccl
+        python tests/support/cuda_checkpoint_worker.py RESULT_JSON CKPT_DIR CASES_JSON \
+            --device cpu|cuda --backend gloo|nccl
 
 Per case (``{"zero": stage, "steps": N, "save_at": K}``), on the same fixed batches (batch i is generated from seed
 1000 + i on the CPU, so it does not depend on where a run starts):
@@ -36,10 +37,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tests.support.harness import snapshot, state_devices, state_differences, strict_fp32, teardown, write_json
 from torch import nn
 
 import ds_spngd
+from tests.support.harness import snapshot, state_devices, state_differences, strict_fp32, teardown, write_json
 
 BATCH = 32
 

@@ -1,8 +1,9 @@
-"""fp16 + ZeRO-2 on CUDA with NCCL, world size 1 (used by tests/integrations/test_cuda.py; formerly tests/fp16_worker.py).
+"""fp16 + ZeRO-2 on CUDA with NCCL, world size 1 (used by tests/integrations/test_cuda.py).
 
 Run as::
 
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/support/cuda_fp16_worker.py RESULT_JSON
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=p \
+        python tests/support/cuda_fp16_worker.py RESULT_JSON
 
 Trains the same 6 batches twice: fp32 at ZeRO 0, and fp16 (dynamic loss scale from 2^12) at ZeRO 2, where before
 batch 3 one extra step is taken whose loss is multiplied by Inf. Records, for tests/integrations/test_cuda.py to assert:
@@ -20,10 +21,10 @@ from typing import Any
 import deepspeed
 import torch
 import torch.nn.functional as F
-from tests.support.harness import snapshot, state_devices, state_differences, teardown, write_json
 from torch import nn
 
 import ds_spngd
+from tests.support.harness import snapshot, state_devices, state_differences, teardown, write_json
 
 
 def make_model() -> nn.Module:

@@ -1,7 +1,7 @@
 """SP-NGD's memory accounting against the CUDA caching allocator (used by tests/integrations/test_cuda.py).
 
-Run as ``python tests/support/cuda_memory_worker.py RESULT_JSON [--device cuda|cpu]`` (one process, no process group, SP-NGD
-used directly as a torch optimizer; ``--device cpu`` is a dry run that skips the allocator figures).
+Run as ``python tests/support/cuda_memory_worker.py RESULT_JSON [--device cuda|cpu]`` (one process, no process
+group, SP-NGD used directly as a torch optimizer; ``--device cpu`` is a dry run that skips the allocator figures).
 
 Accounting, in the order the worker measures:
 
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tests.support.harness import write_json
 
 from ds_spngd import SPNGD
 from ds_spngd_lab.models import MLP
+from tests.support.harness import write_json
 
 STEPS, BATCH, WIDTH = 3, 256, 1024
 

@@ -5,9 +5,9 @@ Run as::
     RANK=r WORLD_SIZE=w LOCAL_RANK=l MASTER_ADDR=127.0.0.1 MASTER_PORT=p DS_ACCELERATOR=cpu|cuda \
         python tests/support/cuda_replicas_worker.py OUT_DIR CASES_JSON --device cpu|cuda --backend gloo|cuda:gloo|nccl
 
-Used by tests/integrations/test_cuda.py for two ranks sharing one GPU over ``cuda:gloo`` (a process group with no CPU backend:
-like NCCL it rejects CPU tensors, so any collective the library issues on a CPU tensor fails here as it would on a
-multi-GPU NCCL job) and, on CPU over plain gloo, as the smoke test of this harness.
+Used by tests/integrations/test_cuda.py for two ranks sharing one GPU over ``cuda:gloo`` (a process group with no CPU
+backend: like NCCL it rejects CPU tensors, so any collective the library issues on a CPU tensor fails here as it would
+on a multi-GPU NCCL job) and, on CPU over plain gloo, as the smoke test of this harness.
 
 The process group is created here with ``torch.distributed.init_process_group(backend)`` *before* DeepSpeed is
 touched; ``deepspeed.init_distributed`` then adopts it (DeepSpeed 0.19.8 ``deepspeed/comm/comm.py``
@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
-from tests.support.harness import strict_fp32, teardown, write_json
 from torch import nn
 
 import ds_spngd
+from tests.support.harness import strict_fp32, teardown, write_json
 
 GLOBAL_BATCH = 24
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tests.support.harness import load_script, snapshot, state_devices, state_differences, teardown, write_json
 
 import ds_spngd
+from tests.support.harness import load_script, snapshot, state_devices, state_differences, teardown, write_json
 
 OVERFLOW_FACTOR = 1e8  # × loss scale 2^12 ≈ 4e11: finite in fp32, far above fp16's 65504 in every gradient
 

@@ -1,10 +1,12 @@
-"""Helpers shared by the multi-process tests (tests/support/ranks.py, tests/integrations/test_cuda.py and tests/cuda_*_worker.py).
+"""Helpers shared by the multi-process tests (tests/support/ranks.py, tests/integrations/test_cuda.py and
+tests/support/cuda_*_worker.py).
 
 Two halves:
 
-* the **parent side** (:func:`free_port`, :func:`rank_env`, :func:`run_procs`, :func:`remove_shm_buffers`): start
-  worker processes in their own process groups, give every run a deadline and kill the whole process group of every
-  worker when it passes (or as soon as one rank fails, so its peers cannot sit in a collective forever);
+* the **parent side** (:func:`free_port`, :func:`rank_env`, :func:`run_procs`, :func:`remove_shm_buffers`, from the
+  lab's launcher :mod:`ds_spngd_lab.ranks`): start worker processes in their own process groups, give every run a
+  deadline and kill the whole process group of every worker when it passes (or as soon as one rank fails, so its
+  peers cannot sit in a collective forever);
 * the **worker side** (:func:`snapshot`, :func:`state_differences`, :func:`state_devices`, :func:`teardown`,
   :func:`strict_fp32`): read SP-NGD's state through its public attributes, compare two snapshots exactly and list
   where its tensors live.
@@ -22,12 +24,7 @@ import copy
 import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,117 +32,41 @@ from typing import Any
 import torch
 from torch import nn
 
+# the parent side is the lab's launcher (one for tests, benchmarks and the sweep); these names stay importable here
+from ds_spngd_lab.ranks import ProcResult as ProcResult
+from ds_spngd_lab.ranks import free_port as free_port
+from ds_spngd_lab.ranks import rank_env as _lab_rank_env
+from ds_spngd_lab.ranks import remove_shm_buffers as remove_shm_buffers
+from ds_spngd_lab.ranks import run_procs as _lab_run_procs
+
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parent
 
 
 # ---- parent side ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rank_env(rank: int, world: int, port: int, local_rank: int | None = None, **extra: str) -> dict[str, str]:
-    """Environment of one torch.distributed rank (env:// rendezvous on 127.0.0.1:port), one intra-op thread, and
-    deterministic cuBLAS workspaces (:func:`strict_fp32`).
+    """Environment of one torch.distributed rank (:func:`ds_spngd_lab.ranks.rank_env`: env:// rendezvous on
+    127.0.0.1:port, one intra-op thread) plus deterministic cuBLAS workspaces (:func:`strict_fp32`).
 
     ``local_rank`` defaults to ``rank``; the two-ranks-one-GPU test passes 0 for both so both use cuda:0.
     """
-    lr = rank if local_rank is None else local_rank
-    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(lr),
-            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", **extra}
-
-
-@dataclass
-class ProcResult:
-    """Exit status and combined stdout/stderr of one worker process.
-
-    ``returncode`` is None when the harness killed the process (deadline passed, or a peer failed first);
-    ``timed_out`` says it was the deadline.
-    """
-
-    returncode: int | None
-    log: str
-    timed_out: bool
-
-    def status(self) -> str:
-        """"exited N", "timed out" or "killed (a peer failed first)"."""
-        if self.returncode is not None:
-            return f"exited {self.returncode}"
-        return "timed out" if self.timed_out else "killed (a peer failed first)"
-
-    def tail(self, n: int = 6000) -> str:
-        """The last ``n`` characters of the log, for assertion messages."""
-        return self.log[-n:]
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the worker's whole process group (it was started as a session leader, so pgid == pid)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    return _lab_rank_env(rank, world, port, local_rank, **{"CUBLAS_WORKSPACE_CONFIG": ":4096:8", **extra})
 
 
 def run_procs(cmds: list[list[str]], envs: list[dict[str, str]], timeout_s: float, log_dir: Path,
               cwd: Path = ROOT) -> list[ProcResult]:
-    """Run the commands concurrently (one per rank) and wait at most ``timeout_s`` seconds for all of them.
-
-    Each process is started in a new session (its own process group) with its output in ``log_dir/proc<i>.log`` (a
-    file, not a pipe, so a chatty rank cannot block on a full pipe while we wait for another). When the deadline
-    passes, or as soon as one process exits non-zero, every process still running is killed together with its
-    children (``killpg``): a rank whose peer died would otherwise wait in a collective until NCCL/gloo time out.
+    """:func:`ds_spngd_lab.ranks.run_procs` (every process in its own process group, output in
+    ``log_dir/proc<i>.log``, all killed when the deadline passes or one fails) from the repository root, with the
+    repository root on every process's ``PYTHONPATH``: workers import ``tests.support.*``.
 
     Returns:
         One :class:`ProcResult` per command, in order.
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = [log_dir / f"proc{i}.log" for i in range(len(cmds))]
-    killed: set[int] = set()
-    timed_out = False
-    try:
-        for cmd, env, log in zip(cmds, envs, logs, strict=True):
-            path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-            env = {**env, "PYTHONPATH": path}  # workers import tests.support.* from the repository root
-            with open(log, "wb") as f:
-                procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        deadline = time.monotonic() + timeout_s
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
-                break  # one rank failed: its peers can only hang now
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                killed.add(p.pid)
-                _kill_group(p)
-    results = []
-    for p, log in zip(procs, logs, strict=True):
-        text = log.read_text(errors="replace") if log.exists() else ""
-        mine = p.pid in killed
-        results.append(ProcResult(None if mine else p.returncode, text, timed_out and mine))
-    return results
-
-
-def remove_shm_buffers(port: int) -> None:
-    """Delete the shared-memory buffers DeepSpeed's CPU comm op leaves behind for MASTER_PORT ``port``.
-
-    DeepSpeed 0.19.8 builds that op whenever its accelerator is the CPU and never unlinks its 69 MB-per-rank files
-    (``/dev/shm/deepspeed_allreduce_buffer_<job>_<addr>_<port>_<rank>``; see /work/shared/DEEPSPEED_NOTES.md).
-    Only this run's port is touched (:func:`ds_spngd_lab.run_log.remove_shm_buffers`, shared with the sweep).
-    """
-    from ds_spngd_lab.run_log import remove_shm_buffers as remove
-
-    remove(port)
+    with_root = []
+    for env in envs:
+        path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        with_root.append({**env, "PYTHONPATH": path})
+    return _lab_run_procs(cmds, with_root, timeout_s, log_dir, cwd=cwd)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -167,8 +88,9 @@ def strict_fp32() -> None:
 
     TF32 (cuDNN's default for convolutions on Ampere+) rounds inputs to 10 mantissa bits: runs that split the batch
     differently would then differ by ~1e-3 instead of fp32 summation order (~1e-7), and the tolerances taken from
-    tests/integrations/test_distributed.py would not apply. ``warn_only``: a kernel without a deterministic implementation warns
-    instead of raising (tests that need bitwise results say so and allow for it). ``CUBLAS_WORKSPACE_CONFIG``
+    tests/integrations/test_distributed.py would not apply. ``warn_only``: a kernel without a deterministic
+    implementation warns instead of raising (tests that need bitwise results say so and allow for it).
+    ``CUBLAS_WORKSPACE_CONFIG``
     (read by torch when a cuBLAS call is made, so this must run before the first matmul) makes cuBLAS deterministic;
     without it deterministic mode warns on every cuBLAS call.
     """

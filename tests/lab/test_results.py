@@ -1,4 +1,4 @@
-"""Tests for ds_spngd_lab.run_log: the per-step CSV, the result table and result.json."""
+"""Tests for ds_spngd_lab.results: the per-step CSV, the result tables and result.json."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_spngd_lab.run_log import STEP_COLUMNS, RunResult, StepLog, format_table, write_result
+from ds_spngd_lab.results import STEP_COLUMNS, LMResult, RunResult, StepLog, format_lm_table, format_table, write_result
 
 
 def test_step_log_writes_rows_and_flushes(tmp_path: Path) -> None:
@@ -66,3 +66,15 @@ def test_result_json_round_trip(tmp_path: Path) -> None:
     assert data["steps_to_target"] is None and data["target_acc"] is None
     assert math.isclose(data["test_top1"], 0.11)
     assert data["evals"] == [[3, 1.2, 0.11]]
+
+
+def test_lm_table_and_json() -> None:
+    result = LMResult(steps=3, epochs=0.5, tokens=384, wall_time_s=2.0, median_step_s=0.5, val_loss=2.0,
+                      final_loss=float("nan"), target_loss=2.5, steps_to_target=2, time_to_target_s=1.25,
+                      evals=((0, 0.0, 3.0), (2, 1.25, 2.4), (3, 2.0, 2.0)), peak_rss_mib=(512.4, 600.0))  # fmt: skip
+    table = format_lm_table(result, {"model": "gpt"})
+    assert len({len(line) for line in table.splitlines()}) == 1  # aligned
+    assert "| model" in table and "2.0000 (ppl 7.4)" in table and "2 steps, 1.2 s" in table
+    assert "to val loss 2.5" in table and "512 MiB, 600 MiB" in table
+    data = result.to_json_dict()
+    assert data["final_loss"] is None and data["evals"][1] == [2, 1.25, 2.4] and data["peak_rss_mib"] == [512.4, 600.0]
