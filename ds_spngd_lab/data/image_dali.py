@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ds_spngd_lab.data.image_folder import MEAN, RESIZE_RATIO, STD
+from ds_spngd_lab.data.image_constants import MEAN, RESIZE_RATIO, STD
 from ds_spngd_lab.data.sampler import BatchPlan, shard_range, steps_per_epoch
 
 READER = "Reader"

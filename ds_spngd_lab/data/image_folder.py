@@ -23,12 +23,10 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from ds_spngd_lab.data.image_constants import MEAN, RESIZE_RATIO, STD
 from ds_spngd_lab.data.sampler import BatchPlan, micro_batch_indices, shard_range, steps_per_epoch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-RESIZE_RATIO = 256 / 224  # shorter side is resized to S * 256/224 before the S x S crop (ImageNet convention)
 
 
 class BatchSource(Protocol):
