@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 from ds_spngd_lab.ranks import free_port, run_launcher
 from ds_spngd_lab.sweep.grid import RunSpec, base_config, build_grid, peak_lr, run_config
 
-__all__ = ["RunOutcome", "SweepSettings", "launch_run", "run_sweep", "train_size", "wandb_mode", "write_results"]
+__all__ = ["RunOutcome", "SweepSettings", "diverged", "launch_run", "run_sweep", "train_size", "wandb_mode", "write_results"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SIZES = {"mnist": 50_000, "fashion-mnist": 50_000}  # train splits (ds_spngd_lab.data): the rest is validation
@@ -168,7 +168,7 @@ def launch_run(cmd: list[str], env: dict[str, str], log_path: Path, port: int, t
     return run_launcher(cmd, env, log_path, port, timeout_s, stream=stream, cwd=cwd)
 
 
-def _diverged(log_path: Path) -> bool:
+def diverged(log_path: Path) -> bool:
     """True when the run stopped on a non-finite loss (train.py's FloatingPointError), i.e. the LR diverged."""
     try:
         with open(log_path, "rb") as f:
@@ -232,7 +232,7 @@ def run_sweep(s: SweepSettings, print_fn: Callable[[str], None] = print) -> list
                 status, removed, wall = launch_run(cmd, run_env(run, s, mode), log_path, port, s.timeout_s, s.stream)
                 if status == "ok" and not result_path.exists():
                     status = "failed"
-                if status == "failed" and _diverged(log_path):
+                if status == "failed" and diverged(log_path):
                     status = "diverged"
                 result = json.loads(result_path.read_text()) if status == "ok" else None
                 outcome = RunOutcome(run, status, peak_lr(cfg, run.batch), wall, port, str(log_path), removed, result)

@@ -246,7 +246,7 @@ def test_diverged_cells_are_reported_and_fail_stability(tmp_path: Path) -> None:
     assert all(len(r) == len(report.SUMMARY_HEADER) for r in rows)
     log = tmp_path / "run.log"
     log.write_text("...\nFloatingPointError: non-finite training loss nan at optimizer step 8\n")
-    assert runner._diverged(log) and not runner._diverged(tmp_path / "missing.log")
+    assert runner.diverged(log) and not runner.diverged(tmp_path / "missing.log")
 
 
 def test_report_selection_aims_table_and_figures(tmp_path: Path) -> None:
