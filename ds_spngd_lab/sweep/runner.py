@@ -38,7 +38,8 @@ from urllib.parse import urlparse
 from ds_spngd_lab.ranks import free_port, run_launcher
 from ds_spngd_lab.sweep.grid import RunSpec, base_config, build_grid, peak_lr, run_config
 
-__all__ = ["RunOutcome", "SweepSettings", "diverged", "launch_run", "run_sweep", "train_size", "wandb_mode", "write_results"]
+__all__ = ["RunOutcome", "SweepSettings", "diverged", "launch_run", "run_sweep", "train_size", "wandb_mode",
+           "write_results"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SIZES = {"mnist": 50_000, "fashion-mnist": 50_000}  # train splits (ds_spngd_lab.data): the rest is validation
