@@ -293,8 +293,7 @@ class SPNGD(torch.optim.Optimizer):
             self.refresh.discard()
             placement.discard()
             self.ctx.factor_seconds = 0.0
-            self.ledger.fail(failure.problems, self.steps, self.rank)
-            self._stats = {"skipped": 1.0}
+            self.note_skipped(self.ledger.fail(failure.problems, self.steps))
             return loss
         reducer.settle()
         self.refresh.apply()

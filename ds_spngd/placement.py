@@ -39,13 +39,12 @@ from ds_spngd.comm.grad_reduction import GradientReducer
 from ds_spngd.comm.inversion import share_directions
 from ds_spngd.comm.wire import ring_bytes
 from ds_spngd.curvature.base import FisherBlock
-from ds_spngd.gradients import GradientAccess, Position
+from ds_spngd.gradients import BlockGrads, GradientAccess, Position
 from ds_spngd.update import kl_clip_factor
 
 __all__ = ["PLACEMENTS", "CommOpt", "DirectionInputs", "MemOpt", "Placement", "ReduceScatter", "make_placement"]
 
 Stats = dict[str, "float | Tensor"]
-BlockGrads = dict[int, list[Tensor]]
 
 
 @dataclass
@@ -207,7 +206,6 @@ class ReduceScatter(Placement):
         Raises:
             ValueError: the gradients are ZeRO partitions (the mode needs whole local gradients: ZeRO stage 0).
         """
-        self.remove()
         if grads.partitioned:
             raise ValueError('optimizer.params.precondition_mode="reduce_scatter" needs ZeRO stage 0 (DeepSpeed\'s '
                              'gradient all-reduce is replaced); use "comm_opt" or "mem_opt" with ZeRO 1/2')

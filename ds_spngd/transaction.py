@@ -124,8 +124,9 @@ class SkipLedger:
         """A step was applied: the run of skips ends."""
         self.consecutive_skips = 0
 
-    def fail(self, problems: list[Problem], step: int, rank: int) -> None:
-        """End a step whose problems every rank agreed on: raise the same error everywhere, or count a skip.
+    def fail(self, problems: list[Problem], step: int) -> str:
+        """End a step whose problems every rank agreed on: raise the same error everywhere, or return the reason to
+        skip it with (count it through :meth:`note`).
 
         Raises:
             RuntimeError: a problem that is not numerical (contributions after their bucket left).
@@ -137,7 +138,7 @@ class SkipLedger:
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{message}. No parameter was updated; factors and preconditioners are "
                                      'unchanged (set "nonfinite": "skip" to skip such steps instead).')
-        self.note(message, rank)
+        return message
 
     def note(self, reason: str, rank: int) -> None:
         """Count a skipped step (SP-NGD's own, or one DeepSpeed skipped for NaN/Inf gradients outside fp16); sets
