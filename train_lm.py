@@ -5,7 +5,8 @@ Usage::
     deepspeed --num_gpus 2 train_lm.py --deepspeed_config ds_configs/spngd_gpt.json [--model gpt|hf-gpt2]
         [--tokenizer bpe|char] [--vocab 8192] [--context 64] [--n-layer 4 --n-head 4 --n-embd 128] [--norm rms|layer]
         [--global-batch B] [--max-steps N | --epochs E] [--eval-interval K] [--eval-windows W] [--target-loss L]
-        [--stop-at-target] [--lr LR] [--warmup-steps S] [--param-groups split|single] [--out-dir runs/NAME] [--seed S]
+        [--stop-at-target] [--lr LR] [--adam-lr LR] [--warmup-steps S] [--param-groups split|single]
+        [--out-dir runs/NAME] [--seed S]
 
 Conventions are train.py's: the JSON is read here, batch sizes / ``"auto"`` scheduler fields are resolved (the LR
 schedule spans the run's ``total`` steps: ``--max-steps``, or ``--epochs`` of the train windows), and the dict goes to
@@ -16,9 +17,14 @@ optimizer the same batches. Each optimizer step runs ``gradient_accumulation_ste
 over the tokens of a fixed subset of validation windows, sharded over ranks) is evaluated at step 0, every
 ``--eval-interval`` steps and at the end; evaluation time is excluded from the training wall time. Parameters are
 split into decay / no-decay groups (biases, norms and embeddings do not decay); ``--param-groups single`` (or a JSON
-weight decay of 0, where the split makes no difference) passes one group. Rank 0 writes ``steps.csv`` (step, samples =
-sequences, train loss, lr, wall time) and ``result.json`` (validation curve, per-step times, peak RSS of every rank)
-to ``--out-dir`` and prints a result table.
+weight decay of 0, where the split makes no difference) passes one group. ``--lr`` sets ``optimizer.params.lr``; for
+DeepSpeed's ``"Muon"`` it also sets ``muon_lr`` (the LR of the orthogonalized ≥2-D weights, which overrides ``lr``
+there), and ``--adam-lr`` sets ``adam_lr`` (the LR of Muon's AdamW half: embeddings, head, norms; Muon only). With the
+JSON's ``"gradient_noise_scale"`` section (ZeRO stage 0, 2+ ranks) ``result.json`` also holds the final B_simple
+(``noise_scale_B_simple``) and its value at the evaluation that first reached ``--target-loss``
+(``noise_scale_B_simple_at_target``; :mod:`ds_spngd.integrations.deepspeed.noise_scale`). Rank 0 writes
+``steps.csv`` (step, samples = sequences, train loss, lr, wall time) and ``result.json`` (validation curve, per-step
+times, peak RSS of every rank) to ``--out-dir`` and prints a result table.
 
 The loop, the step log and the result type and table are the lab's (:mod:`ds_spngd_lab.loop`,
 :mod:`ds_spngd_lab.results`), shared with train.py; this script holds the command line, the data, the model and the
@@ -40,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import ds_spngd
 from ds_spngd_lab.data.sampler import BatchPlan
 from ds_spngd_lab.data.text import EvalWindows, TextData, TokenWindows, load_text_data
 from ds_spngd_lab.evaluation import validation_loss
@@ -81,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=64, help="validation windows per forward")
     p.add_argument("--target-loss", type=float, default=None, help="report steps/time to this validation loss")
     p.add_argument("--stop-at-target", action="store_true", help="stop once --target-loss is reached")
-    p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr")
+    p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr (Muon: and muon_lr)")
+    p.add_argument("--adam-lr", type=float, default=None, help="override Muon's adam_lr (its AdamW half's LR)")
     p.add_argument("--warmup-steps", type=int, default=None, help="override scheduler.params.warmup_num_steps")
     p.add_argument("--param-groups", default="split", choices=("split", "single"),
                    help="split: decay / no-decay groups; single: one group (weight decay on everything)")
@@ -97,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required")
     for name in ("vocab", "context", "n_layer", "n_head", "n_embd", "global_batch", "max_steps", "epochs",
-                 "eval_interval", "eval_windows", "eval_batch", "lr", "warmup_steps"):  # fmt: skip
+                 "eval_interval", "eval_windows", "eval_batch", "lr", "adam_lr", "warmup_steps"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -118,12 +126,23 @@ def load_data(args: argparse.Namespace, rank: int, world: int) -> TextData:
 
 
 def schedule_config(raw: dict[str, Any], args: argparse.Namespace, total_steps: int) -> dict[str, Any]:
-    """Copy of the JSON with ``--lr`` / ``--warmup-steps`` applied and ``"auto"`` step counts set to the run length."""
+    """Copy of the JSON with ``--lr`` / ``--adam-lr`` / ``--warmup-steps`` applied and ``"auto"`` step counts set to the
+    run length. For ``"type": "Muon"`` ``--lr`` sets ``muon_lr`` as well as ``lr`` (DeepSpeed gives the Muon half
+    ``muon_lr`` when present) and ``--adam-lr`` sets ``adam_lr``; ``--adam-lr`` on another optimizer is an error."""
     cfg = json.loads(json.dumps(raw))
-    if args.lr is not None:
+    is_muon = optimizer_type(cfg).lower() == "muon"
+    if args.lr is not None or args.adam_lr is not None:
         if not isinstance(cfg.get("optimizer"), dict):
-            raise ValueError("--lr needs an 'optimizer' section in the DeepSpeed config")
-        cfg["optimizer"].setdefault("params", {})["lr"] = args.lr
+            raise ValueError("--lr / --adam-lr need an 'optimizer' section in the DeepSpeed config")
+        if args.adam_lr is not None and not is_muon:
+            raise ValueError("--adam-lr applies to DeepSpeed's Muon only (its AdamW half)")
+        opt_params = cfg["optimizer"].setdefault("params", {})
+        if args.lr is not None:
+            opt_params["lr"] = args.lr
+            if is_muon:
+                opt_params["muon_lr"] = args.lr
+        if args.adam_lr is not None:
+            opt_params["adam_lr"] = args.adam_lr
     params = cfg.get("scheduler", {}).get("params", {}) if isinstance(cfg.get("scheduler"), dict) else {}
     if args.warmup_steps is not None:
         if "warmup_num_steps" not in params:
@@ -177,6 +196,7 @@ def main(argv: list[str] | None = None) -> LMResult:
 
     out_dir = Path(args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}")
     zero = int((config.get("zero_optimization") or {}).get("stage", 0))
+    opt_params = config.get("optimizer", {}).get("params", {})
     settings = {"model": args.model, "optimizer": optimizer_type(config), "config": str(config_path),
                 "world_size": world, "global_batch": global_batch, "micro_batch": micro,
                 "gradient_accumulation_steps": gas, "context": args.context, "tokenizer": args.tokenizer,
@@ -185,8 +205,10 @@ def main(argv: list[str] | None = None) -> LMResult:
                 "total_steps": total_steps, "eval_windows": len(eval_src), "seed": args.seed,
                 "dtype": DTYPE_NAMES[engine_dtype(engine)], "zero_stage": zero,
                 "param_groups": "single" if single else "split",
-                "lr": config.get("optimizer", {}).get("params", {}).get("lr"),
+                "lr": opt_params.get("muon_lr", opt_params.get("lr")),
                 "warmup_steps": config.get("scheduler", {}).get("params", {}).get("warmup_num_steps")}  # fmt: skip
+    if "adam_lr" in opt_params:
+        settings["adam_lr"] = opt_params["adam_lr"]
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_logits(engine(x.to(engine.device)))
@@ -197,9 +219,11 @@ def main(argv: list[str] | None = None) -> LMResult:
                          desc=f"{settings['optimizer']} {args.model}", target=args.target_loss,
                          stop_at_target=args.stop_at_target, eval_at_start=True, monitor_lr=False,
                          epoch_in_errors=False)  # fmt: skip
+    noise_at_target: list[float | None] = []  # B_simple when the target was first reached (the final one can be ~0/0)
     loop = TrainingLoop(engine, loop_plan, VAL_LOSS, forward_loss,
                         lambda: validation_loss(engine, eval_src, rank, world, args.eval_batch),
-                        rank=rank, world=world, skips_nonfinite=skips_nonfinite)  # fmt: skip
+                        rank=rank, world=world, skips_nonfinite=skips_nonfinite,
+                        on_target=lambda _: noise_at_target.append(ds_spngd.noise_scale_stats(engine).get("B_simple")))
     out = loop.run(train_src, out_dir / "steps.csv")
 
     step, reached = out.steps, out.reached
@@ -210,6 +234,11 @@ def main(argv: list[str] | None = None) -> LMResult:
         time_to_target_s=reached[1] if reached else None, evals=tuple(out.evals),
         peak_rss_mib=tuple(peak_rss_mib(world)),
     )  # fmt: skip
+    noise = ds_spngd.noise_scale_stats(engine)  # empty unless "gradient_noise_scale" is enabled and measurable
+    if noise:
+        settings["noise_scale_B_simple"] = noise["B_simple"]
+    if noise_at_target and noise_at_target[0] is not None:
+        settings["noise_scale_B_simple_at_target"] = noise_at_target[0]
     payload = {**settings, **result.to_json_dict(), "step_times_s": [round(t, 5) for t in out.step_times]}
     report_run(rank, out_dir / "result.json", payload, lambda: format_lm_table(result, settings))
     return result

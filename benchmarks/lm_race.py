@@ -1,156 +1,121 @@
-"""Real-text race: SP-NGD vs AdamW on the complete Shakespeare, same model, data order and step budget.
+"""Real-text race: SP-NGD vs tuned baselines (AdamW, Muon, LAMB, ...) on the complete Shakespeare, same model, data
+order and step budget, each baseline at the best learning rate of a small grid.
 
 Usage (from the repository root, inside the virtualenv)::
 
-    python benchmarks/lm_race.py [--configs adamw_gpt spngd_gpt] [--model gpt] [--steps 400] [--eval-interval 20]
-        [--ranks 2] [--seed 0] [--out runs/lm_race] [--timeout 1800] [TRAIN_LM ARGS ...]
+    python benchmarks/lm_race.py [--configs adamw_gpt spngd_gpt] [--sweep CONFIG:lr=A,B[:warmup=W1,W2] ...]
+        [--model gpt] [--steps 400] [--eval-interval 20] [--global-batch B] [--max-micro-batch 64]
+        [--noise-scale] [--ranks 2] [--seed 0] [--out runs/lm_race] [--timeout 1800] [TRAIN_LM ARGS ...]
 
-Each config runs ``deepspeed --num_gpus R train_lm.py --deepspeed_config ds_configs/<config>.json`` in turn (never
+e.g. ``--configs adamw_gpt muon_gpt lamb_gpt spngd_gpt --sweep adamw_gpt:lr=3e-3,1e-2,2e-2
+muon_gpt:lr=0.01,0.02,0.04``. ``--sweep`` specs are ``CONFIG:KEY=V1,V2[:KEY=...]`` with KEY ``lr`` (train_lm.py
+``--lr``; for Muon its ``muon_lr``), ``adam_lr`` (Muon's AdamW half) or ``warmup`` (``--warmup-steps``); a config of
+a spec that is not in ``--configs`` is appended to them. A config without a spec runs once with its JSON's values.
+
+Every run is ``deepspeed --num_gpus R train_lm.py --deepspeed_config <out>/<run>/ds_config.json ...`` in turn (never
 two at once: they would compete for the cores), on its own free master port, with the same ``--seed`` (same initial
-weights, same batches) and step budget; unknown arguments go to every train_lm.py run unchanged (e.g. ``--n-layer 2
---context 128 --global-batch 64``). After each run DeepSpeed's shared-memory buffers of its port are deleted
-(``/dev/shm/deepspeed_allreduce_buffer_*_<port>_*``; DeepSpeed 0.19.8 never unlinks them). A run that exceeds
-``--timeout`` seconds is killed with its whole process group.
+weights, same batches) and step budget; unknown arguments go to every train_lm.py run unchanged (e.g. ``--tokenizer
+char --n-layer 2 --context 128``), except the flags the race sets per run (``--lr``, ``--warmup-steps``, ...), which
+are refused. The run's JSON is ``ds_configs/<config>.json`` with the batch layout of
+``--global-batch`` (default: the JSON's ``train_batch_size``; a micro-batch of at most ``--max-micro-batch`` sequences
+per rank, gradient accumulation above that) and, with ``--noise-scale``, ZeRO stage 0 and the gradient noise scale
+B_simple measured (in ``result.json``). Runs of a ``"type": "Muon"`` config get ``TORCHDYNAMO_DISABLE=1`` when CUDA
+is not available (torch.compile makes DeepSpeed's Muon crawl on CPU). DeepSpeed's shared-memory buffers of each
+port are deleted after the run; a run that exceeds ``--timeout`` seconds is killed with its whole process group, a
+failed or diverged run is recorded and the race goes on.
 
-Printed (markdown) and written to ``<out>/race.json``: validation loss vs steps and vs training wall time for every
-config; the steps and time the later configs take to reach the FIRST config's final validation loss (the baseline,
-AdamW by default) and their ratios to the baseline's own steps/time to that loss; median step time (a plain step)
-and mean step time (training wall time / steps: refresh steps amortized), each with its ratio;
-peak resident memory per rank (``ru_maxrss``).
+Resumable: a run whose ``result.json`` exists in ``<out>/<run>/`` with the same command (``command.json``) is reused,
+not rerun, so a race stopped by a timeout continues where it stopped when the same command is run again
+(:mod:`ds_spngd_lab.sweep.lm_runs`).
+
+Printed (markdown) and written to ``<out>/race.md`` and ``<out>/race.json`` (:mod:`ds_spngd_lab.sweep.lm_report`):
+the best LR of each config (lowest final validation loss); the target, the best *baseline's* final validation loss
+(baselines: the best LR of every non-SP-NGD config); for every run the steps and training wall time to the target and
+their ratios to the best baseline's, median and mean step time with ratios, peak RSS per rank; validation curves of
+the best runs. ``<out>/results.json`` holds every run's record and result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from ds_spngd_lab.ranks import free_port, run_launcher
+from ds_spngd_lab.sweep.lm_report import markdown, summarize
+from ds_spngd_lab.sweep.lm_runs import (
+    LaunchSettings,
+    LMRun,
+    controlled_flags,
+    grid_points,
+    load_ds_config,
+    parse_spec,
+    run_all,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_config(config: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    """Run train_lm.py with ``ds_configs/<config>.json`` and return its ``result.json``.
-
-    Raises:
-        RuntimeError: the run failed or timed out (with the tail of its log).
-    """
-    out = Path(args.out) / config
-    port = free_port()
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    launcher = [deepspeed] if Path(deepspeed).exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd = [*launcher, "--num_gpus", str(args.ranks), "--master_port", str(port), "train_lm.py",
-           "--deepspeed_config", f"ds_configs/{config}.json", "--model", args.model, "--max-steps", str(args.steps),
-           "--eval-interval", str(args.eval_interval), "--seed", str(args.seed), "--out-dir", str(out), *extra]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "launcher.log"
-    status, _, wall = run_launcher(cmd, dict(os.environ), log_path, port, args.timeout, cwd=ROOT)
-    if status != "ok":
-        tail = log_path.read_text(errors="replace")[-4000:]
-        what = "timed out" if status == "timeout" else "failed"
-        raise RuntimeError(f"{config} {what} after {wall:.0f} s; log {log_path}:\n{tail}")
-    return json.loads((out / "result.json").read_text())
-
-
-def first_reach(evals: list[list[float]], target: float) -> tuple[int, float] | None:
-    """``(step, training time s)`` of the first evaluation with validation loss <= ``target``, or None."""
-    return next(((int(s), float(t)) for s, t, v in evals if v <= target), None)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """``a / b``, or None when either is missing or b is 0."""
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def fmt(v: Any, spec: str = ".3f") -> str:
-    """``format(v, spec)``, or an em dash for None / NaN."""
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Targets, ratios and curves of the race; the first config is the baseline."""
-    names = list(results)
-    base = results[names[0]]
-    target = float(base["val_loss"])
-    base_reach = first_reach(base["evals"], target)
-    rows = {}
-    for name, r in results.items():
-        reach = first_reach(r["evals"], target)
-        rows[name] = {
-            "optimizer": r["optimizer"], "steps": r["steps"], "wall_time_s": r["wall_time_s"],
-            "val_loss": r["val_loss"], "median_step_s": r["median_step_s"],
-            "steps_to_target": reach[0] if reach else None, "time_to_target_s": reach[1] if reach else None,
-            "steps_ratio": ratio(reach[0] if reach else None, base_reach[0] if base_reach else None),
-            "time_ratio": ratio(reach[1] if reach else None, base_reach[1] if base_reach else None),
-            "step_time_ratio": ratio(r["median_step_s"], base["median_step_s"]),
-            "mean_step_s": r["wall_time_s"] / max(1, r["steps"]),
-            "mean_step_time_ratio": ratio(r["wall_time_s"] / max(1, r["steps"]),
-                                          base["wall_time_s"] / max(1, base["steps"])),
-            "peak_rss_mib": r["peak_rss_mib"], "evals": r["evals"],
-        }  # fmt: skip
-    keys = ("model", "tokenizer", "vocab", "context", "n_layer", "n_head", "n_embd", "parameters", "global_batch",
-            "world_size", "dtype", "zero_stage", "eval_windows", "seed")  # fmt: skip
-    return {"baseline": names[0], "target_val_loss": target, "setting": {k: base.get(k) for k in keys},
-            "configs": rows}  # fmt: skip
-
-
-def markdown(summary: dict[str, Any]) -> str:
-    """The race as markdown: setting, result table, validation curves (vs steps and vs training time)."""
-    rows = summary["configs"]
-    names = list(rows)
-    lines = [f"setting: {json.dumps(summary['setting'])}", "",
-             f"target: the baseline's ({summary['baseline']}) final validation loss {summary['target_val_loss']:.4f}",
-             "", "| config | optimizer | steps | final val loss | steps to target | time to target (s) | steps ratio "
-             "| time ratio | median step (s) | step-time ratio | mean step (s) | mean step ratio "
-             "| peak RSS per rank (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, r in rows.items():
-        rss = " / ".join(f"{m:.0f}" for m in r["peak_rss_mib"])
-        cells = [name, r["optimizer"], str(r["steps"]), f"{r['val_loss']:.4f}", fmt(r["steps_to_target"], "d"),
-                 fmt(r["time_to_target_s"], ".1f"), fmt(r["steps_ratio"]), fmt(r["time_ratio"]),
-                 f"{r['median_step_s']:.3f}", fmt(r["step_time_ratio"]), f"{r['mean_step_s']:.3f}",
-                 fmt(r["mean_step_time_ratio"]), rss]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "validation loss vs steps (and training wall time, s):", "",
-              "| step | " + " | ".join(f"{n} val | {n} time" for n in names) + " |",
-              "|---" * (1 + 2 * len(names)) + "|"]  # fmt: skip
-    by_step = {n: {int(s): (t, v) for s, t, v in rows[n]["evals"]} for n in names}
-    for step in sorted(set().union(*(by_step[n] for n in names))):
-        cells = []
-        for n in names:
-            t, v = by_step[n].get(step, (None, None))
-            cells += [fmt(v, ".4f"), fmt(t, ".1f")]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["adamw_gpt", "spngd_gpt"], help="first = baseline")
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The race's arguments and the train_lm.py arguments it does not know."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # --lr must reach train_lm.py's check, not --lr-mults
+    ap.add_argument("--configs", nargs="+", default=["adamw_gpt", "spngd_gpt"], help="ds_configs/<name>.json")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="SPEC", help="CONFIG:KEY=V1,V2[:KEY=...] grids")
     ap.add_argument("--model", default="gpt", choices=("gpt", "hf-gpt2"))
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run (each one's LR schedule)")
     ap.add_argument("--eval-interval", type=int, default=20)
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the JSON's)")
+    ap.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch per rank")
+    ap.add_argument("--noise-scale", action="store_true", help="ZeRO stage 0 and B_simple measured in every run")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     ap.add_argument("--out", default="runs/lm_race")
-    args, extra = ap.parse_known_args()
+    args, extra = ap.parse_known_args(argv)
+    if controlled_flags(extra):
+        ap.error(f"the race sets {controlled_flags(extra)} itself (use --sweep / its own options)")
+    try:
+        args.specs = [parse_spec(s) for s in args.sweep]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if any(s.batch is not None for s in args.specs):
+        ap.error("CONFIG@B specs belong to benchmarks/lm_batch_scaling.py; use --global-batch here")
+    args.configs = list(dict.fromkeys([*args.configs, *(s.config for s in args.specs)]))
     missing = [c for c in args.configs if not (ROOT / "ds_configs" / f"{c}.json").exists()]
     if missing:
         ap.error(f"no ds_configs/<name>.json for {missing}")
-    results = {config: run_config(config, args, extra) for config in args.configs}
-    summary = summarize(results)
-    summary["command"] = sys.argv
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "race.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(markdown(summary))
-    print(f"\n(JSON: {Path(args.out) / 'race.json'})")
+    return args, extra
+
+
+def race_runs(args: argparse.Namespace) -> list[LMRun]:
+    """Every run of the race, config by config, each config's grid in order."""
+    runs = []
+    for config in args.configs:
+        batch = args.global_batch or int(load_ds_config(config)["train_batch_size"])
+        own = [s for s in args.specs if s.config == config]
+        points = list(dict.fromkeys(p for s in own for p in grid_points(s.axes))) if own else [()]
+        runs += [LMRun(config, batch, args.steps, args.eval_interval, p) for p in points]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run (or reuse) every run, then print and write the race."""
+    args, extra = parse_args(argv)
+    out = Path(args.out)
+    settings = LaunchSettings(out=out, model=args.model, ranks=args.ranks, seed=args.seed, timeout_s=args.timeout,
+                              max_micro_batch=args.max_micro_batch, noise_scale=args.noise_scale,
+                              extra=tuple(extra))  # fmt: skip
+    runs = race_runs(args)
+    print(f"race: {len(runs)} runs, out {out}", file=sys.stderr, flush=True)
+    records = run_all(runs, settings, print_fn=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = summarize(records)
+    summary["command"] = sys.argv if argv is None else ["benchmarks/lm_race.py", *argv]
+    (out / "race.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = markdown(summary)
+    (out / "race.md").write_text(text + "\n")
+    print(text)
+    print(f"\n(JSON: {out / 'race.json'})")
 
 
 if __name__ == "__main__":

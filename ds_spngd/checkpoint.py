@@ -34,7 +34,8 @@ def merge_shards(shards: Sequence[dict[str, Any]], names: Iterable[str]) -> tupl
                                                                                  dict[str, dict[str, Any]]]:
     """Merge every rank's :meth:`ds_spngd.SPNGD.spngd_state` into one.
 
-    Each factor's value is taken from the shard that holds it, the preconditioner from any shard that holds one,
+    Each factor's value is taken from the shard that holds it, the preconditioner (and the polar direction's
+    momentum) from any shard that holds one,
     ``ready`` is true when any shard says so.
 
     Returns:
@@ -57,6 +58,8 @@ def merge_shards(shards: Sequence[dict[str, Any]], names: Iterable[str]) -> tupl
             for key, val in state.items():
                 if isinstance(val, dict) and val.get("value") is not None:
                     cur[key] = val  # a factor held by this shard's rank
+                elif key == "direction_momentum" and val is not None:
+                    cur[key] = val  # the polar momentum of the rank(s) preconditioning the block
                 elif key == "preconditioner" and val is not None:
                     cur[key], cur["method"] = val, state.get("method")
                 elif key == "ready":

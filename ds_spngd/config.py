@@ -121,6 +121,16 @@ class SPNGDConfig(BaseModel):
             refreshed on every factor-update step: the default schedule).
         stale_max_interval: cap on a factor's interval, in factor-update slots (multiples of
             ``factor_update_steps``); 1 never skips.
+        direction: ``"natural"`` (default): the update direction is the natural gradient F̂⁻¹g with heavy-ball
+            ``momentum`` and KL-clipping. ``"polar"``: for every Kronecker-factored block (Linear, Conv2d, Conv1D,
+            Embedding, tied embedding/head) the direction is msgn of the Nesterov momentum of F̂⁻¹g, scaled by
+            sqrt(max(1, d_out/d_in)) — Muon's orthogonalized update (Jordan et al. 2024) taken in K-FAC's whitened
+            coordinates, Newton-Muon (Du & Su 2026, arXiv:2604.01472) with both Kronecker factors — applied as
+            w ← w − η·(D + wd·w) without heavy ball or KL-clipping; unit-wise blocks and parameters without a block
+            keep the natural / plain gradient with heavy-ball momentum and the same η (:mod:`ds_spngd.polar`).
+        polar_momentum: β of the polar direction's momentum (Muon's 0.95).
+        polar_nesterov: Nesterov form n = F̂⁻¹g + β·u (Muon's default) instead of u.
+        polar_steps: Newton–Schulz iterations approximating msgn (5 in Muon).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -154,11 +164,15 @@ class SPNGDConfig(BaseModel):
     stale_statistics: bool = False
     stale_tolerance: float = Field(0.05, ge=0.0)
     stale_max_interval: int = Field(8, ge=1)
+    direction: Literal["natural", "polar"] = "natural"
+    polar_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    polar_nesterov: bool = True
+    polar_steps: int = Field(5, ge=1, le=20)
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
         "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", "stale_tolerance",
-        "stale_max_interval", mode="before",
+        "stale_max_interval", "polar_momentum", "polar_steps", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ds_spngd.comm.agreement import max_abs
 from ds_spngd.curvature.base import FisherBlock
 
 __all__ = ["BlockGrads", "DenseGradients", "GradientAccess", "Groups", "Position"]
@@ -46,6 +47,10 @@ class GradientAccess(Protocol):
 
     def directions(self, nat: dict[int, list[Tensor]]) -> dict[Position, Tensor]:
         """Per optimizer parameter position, the update direction before weight decay."""
+
+    def final_mask(self, ids: Sequence[int]) -> dict[Position, Tensor | None]:
+        """The positions holding (pieces of) blocks ``ids``: None = the whole position belongs to them, else a bool
+        mask of its elements that do (a ZeRO partition mixes blocks)."""
 
     def available(self, ids: Sequence[int]) -> list[int]:
         """The blocks among ``ids`` whose gradients exist this step (identical on every rank)."""
@@ -118,6 +123,10 @@ class DenseGradients:
             out.update(zip(self.positions[i], vs, strict=True))
         return out
 
+    def final_mask(self, ids: Sequence[int]) -> dict[Position, Tensor | None]:
+        """Every position of blocks ``ids``, whole (a parameter belongs to one block)."""
+        return {pos: None for i in ids for pos in self.positions[i]}
+
     def available(self, ids: Sequence[int]) -> list[int]:
         """The blocks among ``ids`` whose every parameter has a gradient (identical on all ranks)."""
         return [i for i in ids if all(self._param(pos).grad is not None for pos in self.positions[i])]
@@ -139,8 +148,10 @@ class DenseGradients:
         present = [k for k, p in enumerate(params) if p.grad is not None]
         flags = torch.zeros(len(params), device=device)
         if present:
-            norms = torch._foreach_norm([params[k].grad for k in present], float("inf"))
-            flags[present] = (~torch.isfinite(torch.stack(norms).to(device))).float()
+            bad = (~torch.isfinite(torch.stack(max_abs([params[k].grad for k in present])).to(device))).float()
+            if len(present) == len(params):  # the usual case: no index to upload to the device
+                return bad
+            flags[present] = bad
         return flags
 
     def weight(self, block_index: int) -> list[Tensor]:

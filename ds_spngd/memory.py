@@ -31,6 +31,7 @@ from ds_spngd.config import SPNGDConfig
 from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.gradients import GradientAccess
 from ds_spngd.placement import make_placement
+from ds_spngd.polar import takes_polar
 
 __all__ = ["CATEGORIES", "memory_usage", "memory_plan", "format_memory", "check_memory", "memory_problem",
            "agree_on_memory", "block_bytes", "free_bytes", "plans_per_rank"]
@@ -72,7 +73,8 @@ def _nbytes(t: torch.Tensor | None) -> int:
 def memory_usage(opt: PlannedOptimizer) -> dict[str, int]:
     """Bytes of SP-NGD state this rank holds now, by category (see the module docstring)."""
     factors = [f for b in opt.blocks for f in b.factors]
-    momentum = sum(_nbytes(s.get("momentum_buffer")) for s in opt.state.values())
+    momentum = sum(_nbytes(s.get("momentum_buffer")) for s in opt.state.values()) + sum(
+        _nbytes(b.direction_momentum) for b in opt.blocks)  # heavy ball + the polar direction's momentum
     return _total({
         "factors": sum(_nbytes(f.value) for f in factors),
         "accumulators": sum(_nbytes(f.accum) for f in factors),
@@ -108,6 +110,8 @@ def memory_plan(opt: PlannedOptimizer, rank: int | None = None, world: int | Non
     payload = sum(b.numel for b in opt.reducer.all_buckets) * elem
     directions = placement.direction_buffer_bytes(sum(p.numel() for b in opt.blocks for p in b.params))
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
+    if opt.cfg.direction == "polar":  # one d_out × d_A fp32 momentum per Kronecker block this rank preconditions
+        momentum += sum(4 * sum(p.numel() for p in b.params) for b in held if takes_polar(b))
     return _total({
         "factors": sum(f.nbytes for f in owned_factors),
         "accumulators": sum(f.nbytes for b in opt.blocks for f in b.factors),

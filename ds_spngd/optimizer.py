@@ -52,6 +52,7 @@ from ds_spngd.distributed import DistributedPlan, plan_distributed
 from ds_spngd.gradients import DenseGradients, GradientAccess
 from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
 from ds_spngd.placement import DirectionInputs, Placement, directions
+from ds_spngd.polar import PolarSettings
 from ds_spngd.staleness import RefreshSchedule
 from ds_spngd.transaction import (
     LedgerField,
@@ -132,6 +133,8 @@ class SPNGD(torch.optim.Optimizer):
         self._reported_silent = False
         self._rescaled = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]  # weight rescaling
         self._rescaler = WeightRescaler([self.blocks[i].params[0].shape[0] for i in self._rescaled])
+        self._polar = PolarSettings(cfg.polar_momentum, cfg.polar_nesterov, cfg.polar_steps) \
+            if cfg.direction == "polar" else None
         self._stats: dict[str, float | Tensor] = {}
         self.engine_times: dict[str, float] = {}  # forward/backward seconds of the current step (set by attach)
         logger.debug("%s", self.report())
@@ -299,11 +302,11 @@ class SPNGD(torch.optim.Optimizer):
         self.refresh.apply()
         t0 = time.perf_counter()
         job = DirectionInputs(self.blocks, self.grads, plan.block_owners, self.group, device, cfg.kl_clip,
-                              float(self.param_groups[0]["lr"]), self.params_without_block())
-        found = directions(placement, job, stats)
+                              float(self.param_groups[0]["lr"]), self.params_without_block(), self._polar)
+        found, final = directions(placement, job, stats)
         stats["precondition_s"] = time.perf_counter() - t0
         for gi, group in enumerate(self.param_groups):
-            apply_group(group, gi, self.state, found, cfg.momentum_correction)
+            apply_group(group, gi, self.state, found, cfg.momentum_correction, final)
         if cfg.weight_rescale:
             self._rescaler([self.grads.weight(i) for i in self._rescaled], device,
                            lambda sq: self.grads.reduce_squares(sq, self.group))

@@ -40,6 +40,7 @@ from ds_spngd.comm.inversion import share_directions
 from ds_spngd.comm.wire import ring_bytes
 from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.gradients import BlockGrads, GradientAccess, Position
+from ds_spngd.polar import PolarSettings, polar_block, takes_polar
 from ds_spngd.update import kl_clip_factor
 
 __all__ = ["PLACEMENTS", "CommOpt", "DirectionInputs", "MemOpt", "Placement", "ReduceScatter", "make_placement"]
@@ -60,6 +61,7 @@ class DirectionInputs:
         kl_clip: κ, or None for no KL-clipping.
         lr: η of the first parameter group (KL-clipping's step size).
         params_without_block: the optimizer's parameters no block preconditions (``param_groups`` order).
+        polar: ``direction: "polar"``'s settings (:mod:`ds_spngd.polar`), or None for natural-gradient directions.
     """
 
     blocks: Sequence[FisherBlock]
@@ -70,6 +72,7 @@ class DirectionInputs:
     kl_clip: float | None
     lr: float
     params_without_block: Sequence[Tensor]
+    polar: PolarSettings | None = None
 
 
 class Placement:
@@ -261,10 +264,16 @@ def make_placement(mode: str, world: int) -> Placement:
     return CommOpt() if world == 1 else PLACEMENTS[mode]()
 
 
-def directions(placement: Placement, job: DirectionInputs, stats: Stats) -> dict[Position, Tensor]:
+def directions(placement: Placement, job: DirectionInputs,
+               stats: Stats) -> tuple[dict[Position, Tensor], dict[Position, Tensor | None]]:
     """Update directions per optimizer parameter position (group, index): F̂⁻¹g for block parameters (KL-clipped
-    when configured); with :class:`ReduceScatter` also the mean gradient of blocks without a preconditioner.
+    when configured), or the polar direction of Kronecker blocks with ``direction: "polar"`` (:mod:`ds_spngd.polar`);
+    with :class:`ReduceScatter` also the mean gradient of blocks without a preconditioner.
     Parameters not in the result use their ``.grad`` (averaged here by :class:`ReduceScatter`).
+
+    Returns:
+        (directions, final): ``final`` marks the positions (None = whole, else a bool mask of elements) whose
+        direction already holds its momentum — the polar blocks —, which the update applies without heavy ball.
 
     Writes ``precondition_bytes`` (and ``kl_clip_nu``, ``grad_*``) into ``stats``.
     """
@@ -273,7 +282,8 @@ def directions(placement: Placement, job: DirectionInputs, stats: Stats) -> dict
     grads, ready, plain, sent = placement.gather(job, ready_all, stats)
     if not ready:
         stats["precondition_bytes"] = 0.0
-        return {}
+        return {}, {}
+    polar = set() if job.polar is None else {i for i in ready if i not in plain and takes_polar(job.blocks[i])}
     nat: BlockGrads = {}
     vg = torch.zeros((), dtype=torch.float64, device=job.device)
     for i in ready:
@@ -283,17 +293,19 @@ def directions(placement: Placement, job: DirectionInputs, stats: Stats) -> dict
             nat[i] = [g.float().clone() for g in grads[i]]
             continue
         nat[i] = job.blocks[i].precondition(grads[i])
-        if job.kl_clip is not None:
+        if i in polar:
+            assert job.polar is not None
+            nat[i] = polar_block(job.blocks[i], nat[i], job.polar)  # type: ignore[arg-type]
+        elif job.kl_clip is not None:
             for v, g in zip(nat[i], grads[i], strict=True):
                 vg = vg + (v * g.float()).sum().double()
     nat, vg, shared = placement.share(nat, job, ready, vg)
     stats["precondition_bytes"] = float(sent + shared)
-    if job.kl_clip is not None and len(plain) < len(ready):
+    if job.kl_clip is not None and len(plain) + len(polar) < len(ready):
         nu = kl_clip_factor(job.kl_clip, job.lr, vg)
         stats["kl_clip_nu"] = nu
         for i, vs in nat.items():
-            if i not in plain:
+            if i not in plain and i not in polar:
                 for v in vs:
                     v.mul_(nu)
-    return job.grads.directions(nat)
-
+    return job.grads.directions(nat), job.grads.final_mask(sorted(polar))

@@ -55,7 +55,9 @@ def agree_on_inputs(reducer: FactorReducer, refresh: RefreshSchedule, grads: Gra
                      buckets=rs["buckets"])
     world = world_size(group)
     changes = refresh.change_terms(reducer.owned_totals(), world, device) if collect else []
+    t0 = time.perf_counter()
     sums = agree([*parts, *changes, grads.nonfinite_flags(device)], group, device)
+    stats["agree_s"] = time.perf_counter() - t0  # NaN/Inf flags, the one all-reduce and its host sync
     n, m = len(factors), 3 * len(factors) if changes else 0
     had, late, bad, flags = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n], sums[3 * n + m :]
     problems = input_problems([f.name for f in factors], late, bad, grads.names, flags,

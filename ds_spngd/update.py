@@ -41,7 +41,7 @@ def kl_clip_factor(kappa: float, lr: float, vg: Tensor) -> Tensor:
 
 
 def apply_group(group: dict[str, Any], gi: int, state: Any, directions: dict[tuple[int, int], Tensor],
-                momentum_correction: bool) -> None:
+                momentum_correction: bool, final: dict[tuple[int, int], Tensor | None] | None = None) -> None:
     """Momentum, weight decay and the parameter update for one parameter group (see the module docstring).
 
     Args:
@@ -50,8 +50,12 @@ def apply_group(group: dict[str, Any], gi: int, state: Any, directions: dict[tup
         state: the optimizer's per-parameter state (``momentum_buffer`` lives there, fp32).
         directions: (group, index) → F̂⁻¹g for preconditioned parameters; the others use their gradient.
         momentum_correction: Goyal et al.'s correction (the buffer holds u with v = η·u).
+        final: positions whose direction already carries its own momentum (``direction: "polar"``,
+            :mod:`ds_spngd.polar`): None = the whole position, else a bool mask of such elements (a ZeRO partition).
+            Those elements move by w ← w − η·(d + wd·w), without heavy ball (their momentum buffer entries stay 0).
     """
     lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+    final = final or {}
     for pi, p in enumerate(group["params"]):
         if p.grad is None:
             continue
@@ -59,23 +63,31 @@ def apply_group(group: dict[str, Any], gi: int, state: Any, directions: dict[tup
         d = p.grad.float() if d is None else d
         if wd != 0.0:
             d = d.add(p.float(), alpha=wd)
-        if m == 0.0:
+        mask = final.get((gi, pi), False)
+        if m == 0.0 or mask is None:  # no heavy ball, or the whole position is a polar direction
             p.add_(d.to(p.dtype), alpha=-lr)
             continue
-        st = state[p]
-        buf = st.get("momentum_buffer")
-        if momentum_correction:  # u ← m·u + d; w ← w − η·u  (v = η·u: corrected heavy ball)
-            if buf is None:
-                buf = st["momentum_buffer"] = d.clone()
-            else:
-                buf.mul_(m).add_(d)
-            p.add_(buf.to(p.dtype), alpha=-lr)
-        else:  # v ← m·v + η·d; w ← w − v
-            if buf is None:
-                buf = st["momentum_buffer"] = d.mul(lr)
-            else:
-                buf.mul_(m).add_(d, alpha=lr)
-            p.sub_(buf.to(p.dtype))
+        heavy = d if mask is False else d.masked_fill(mask, 0.0)  # type: ignore[arg-type]
+        step, alpha = _heavy_ball(state[p], heavy, lr, m, momentum_correction)
+        if mask is not False:  # polar elements move by η·d; in these units that is d (corrected) or η·d
+            step = torch.where(mask, d if momentum_correction else d * lr, step)  # type: ignore[arg-type]
+        p.add_(step.to(p.dtype), alpha=alpha)
+
+
+def _heavy_ball(st: dict[str, Any], d: Tensor, lr: float, m: float, momentum_correction: bool) -> tuple[Tensor, float]:
+    """Advance the momentum buffer with direction d; return (t, α) with the update w ← w + α·t."""
+    buf = st.get("momentum_buffer")
+    if momentum_correction:  # u ← m·u + d; w ← w − η·u  (v = η·u: corrected heavy ball)
+        if buf is None:
+            buf = st["momentum_buffer"] = d.clone()
+        else:
+            buf.mul_(m).add_(d)
+        return buf, -lr
+    if buf is None:  # v ← m·v + η·d; w ← w − v
+        buf = st["momentum_buffer"] = d.mul(lr)
+    else:
+        buf.mul_(m).add_(d, alpha=lr)
+    return buf, -1.0
 
 
 def rescale_bounds(d_out: Sequence[int], device: torch.device) -> Tensor:

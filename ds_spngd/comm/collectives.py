@@ -20,8 +20,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "rank", "backend", "broadcast", "all_reduce_sum", "reduce_sum", "wait_all", "private_group",
-           "group_ranks"]
+__all__ = ["world_size", "rank", "backend", "broadcast", "all_reduce_sum", "reduce_sum", "all_gather_flat", "wait_all",
+           "private_group", "group_ranks"]
 
 # (default process group, global ranks of a group) → its SP-NGD copy; keyed by the default group so that a process
 # that destroys and re-initializes torch.distributed never reuses a communicator of the old one
@@ -119,6 +119,16 @@ def reduce_sum(t: Tensor, dst: int, group: Any = None, async_op: bool = False) -
         return None
     handle = dist.reduce(t, dst=_global(dst, group), op=dist.ReduceOp.SUM, group=group, async_op=async_op)
     return handle if async_op else None
+
+
+def all_gather_flat(out: Tensor, t: Tensor, group: Any = None) -> Tensor:
+    """Every rank's ``t`` (the same length on every rank) concatenated in group-rank order into ``out`` (returned);
+    on one rank a copy of ``t``."""
+    if world_size(group) == 1:
+        return out.copy_(t)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # its older name
+    gather(out, t, group=group)
+    return out
 
 
 def wait_all(handles: Iterable[Any]) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ds_spngd.comm.agreement import max_abs
 from ds_spngd.comm.collectives import rank, reduce_sum, wait_all, world_size
 from ds_spngd.comm.packing import pack_symmetric, unpack_symmetric
 from ds_spngd.curvature.factor import SymmetricFactor
@@ -271,26 +272,13 @@ class FactorReducer:
         t0 = time.perf_counter()
         wait_all(h for _, h, _ in self._flights)
         wait_s = time.perf_counter() - t0
-        self._totals, self._had, owned = {}, {}, []
+        self._totals, self._had = {}, {}
         for bucket, (buf, _, had) in zip(self.buckets, self._flights, strict=True):
             self._had.update({f.name: h for f, h in zip(bucket.factors, had, strict=True)})
             if world == 1 or bucket.owner == me:
                 totals = unpack_symmetric(buf, [(f.blocks, f.dim) for f in bucket.factors])
                 self._totals.update({f.name: t for f, t in zip(bucket.factors, totals, strict=True)})
-        owned = [self._totals[f.name] for f in self.factors if f.name in self._totals]  # in factor order
-        device = self.factors[0].device if self.factors else torch.device("cpu")
-        bad = torch.zeros(len(self.factors), device=device)
-        if owned:  # max-abs norm: NaN/Inf exactly when an entry is (a sum of squares could overflow)
-            norms = torch.stack(torch._foreach_norm(owned, float("inf")))
-            idx = [i for i, f in enumerate(self.factors) if f.name in self._totals]
-            bad[idx] = (~torch.isfinite(norms)).float()
-        had_v = torch.tensor([h if isinstance(h := self._had.get(f.name, 0.0), float) else 0.0 for f in self.factors],
-                             dtype=torch.float32, device=device)
-        counted = [(i, h) for i, f in enumerate(self.factors) if isinstance(h := self._had.get(f.name, 0.0), Tensor)]
-        if counted:
-            had_v[[i for i, _ in counted]] = torch.stack([h.to(device) for _, h in counted])
-        late_v = torch.tensor([float(self._late.get(f.name, 0)) for f in self.factors], dtype=torch.float32,
-                              device=device)
+        had_v, late_v, bad = self._flag_vectors()
         payload, dense = self._traffic
         self.stats = {"payload_bytes": float(payload if world > 1 else 0), "dense_bytes": float(dense),
                       "buckets": float(len(self.buckets)), "buckets_early": float(self._early),
@@ -301,6 +289,27 @@ class FactorReducer:
         self._last_adds = dict(self._adds)
         self._reset()
         return had_v, late_v, bad
+
+    def _flag_vectors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``had``, ``late`` and ``bad`` of :meth:`complete`, assembled on the factors' device from device scalars:
+        no host → device upload (on CUDA each one is a stream sync) unless a contribution arrived late."""
+        device = self.factors[0].device if self.factors else torch.device("cpu")
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+
+        def scalar(h: float | Tensor) -> Tensor:
+            if isinstance(h, Tensor):
+                return h.to(device=device, dtype=torch.float32).reshape(())
+            return one if h == 1.0 else zero if h == 0.0 else torch.full((), h, device=device)
+
+        had = torch.stack([scalar(self._had.get(f.name, 0.0)) for f in self.factors]) if self.factors else \
+            torch.zeros(0, device=device)
+        # max-abs norm of the owned sums: NaN/Inf exactly when an entry is (a sum of squares could overflow)
+        norms = dict(zip(self._totals, max_abs(list(self._totals.values())), strict=True))
+        bad = (~torch.isfinite(torch.stack([norms.get(f.name, zero) for f in self.factors]))).float() \
+            if self.factors else torch.zeros(0, device=device)
+        late = torch.zeros(len(self.factors), device=device) if not self._late else torch.tensor(
+            [float(self._late.get(f.name, 0)) for f in self.factors], dtype=torch.float32, device=device)
+        return had, late, bad
 
     def commit(self, contributors: Sequence[float], decay: float) -> None:
         """Commit the completed step (after every rank agreed): owners fold Σ_r mean_r / #contributors into their
@@ -339,6 +348,12 @@ class FactorReducer:
     def in_flight(self) -> bool:
         """True when buckets were launched since the last :meth:`complete`."""
         return bool(self._flights)
+
+    @property
+    def launch_seconds(self) -> float:
+        """Seconds spent packing and launching buckets since the last :meth:`complete` (read before the step: the
+        share spent inside the module hooks; benchmarks/step_phases.py)."""
+        return self._launch_s
 
     def adopt_counts(self, other: FactorReducer) -> None:
         """Take over the contributions ``other`` counted (re-planning before the first step; same factors)."""

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_spngd.comm.agreement import INVERSION_FAILURES, Problem, agree
+from ds_spngd.comm.agreement import INVERSION_FAILURES, Problem, agree, max_abs
 from ds_spngd.comm.assignment import Assignment, assign_owners, block_cost
 from ds_spngd.comm.collectives import all_reduce_sum, broadcast, rank, world_size
 from ds_spngd.curvature.base import FisherBlock, PreconditionerDraft, Traces
@@ -128,7 +128,7 @@ def _split(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
 def _draft_all(blocks: Sequence[FisherBlock], plan: OwnerPlan, mine: Sequence[int], traces: Traces, damping: float,
                method: str, device: torch.device) -> tuple[dict[int, list[Tensor]], Tensor]:
     """Owner side: the tensors of jobs ``mine`` and a failure code per job (0 = fine)."""
-    codes = torch.zeros(len(plan.jobs), device=device)
+    failed: dict[int, float] = {}
     drafts: dict[int, PreconditionerDraft] = {}
     for j in mine:
         i, k = plan.jobs[j]
@@ -136,28 +136,32 @@ def _draft_all(blocks: Sequence[FisherBlock], plan: OwnerPlan, mine: Sequence[in
             drafts[j] = blocks[i].draft_part(k, damping, method, traces)
         except torch.linalg.LinAlgError as err:
             logger.error("SP-NGD: inverting %s failed: %s", blocks[i].name, err)
-            codes[j] = 1.0
+            failed[j] = 1.0
         except Exception:  # noqa: BLE001 - any error here must reach every rank through the agreement, not hang it
             logger.exception("SP-NGD: drafting the preconditioner of %s failed", blocks[i].name)
-            codes[j] = 3.0
+            failed[j] = 3.0
     finish_inverses([job for d in drafts.values() for job in d.jobs])
     for j, d in list(drafts.items()):
         errors = [job.error for job in d.jobs if job.error is not None]
         if errors:  # the eigendecomposition fallback of one of its factors did not converge
             logger.error("SP-NGD: inverting %s failed: %s", blocks[plan.jobs[j][0]].name, errors[0])
-            codes[j] = 1.0
+            failed[j] = 1.0
             del drafts[j]
     built = {j: d.build() for j, d in drafts.items()}
-    if built:
-        ids_built = list(built)
-        norms = torch._foreach_norm([t for j in ids_built for t in built[j]], float("inf"))
-        per_job, n = [], 0
-        for j in ids_built:
-            per_job.append(torch.stack(norms[n : n + len(built[j])]).sum())
-            n += len(built[j])
-        bad = ~torch.isfinite(torch.stack(per_job))
-        codes[ids_built] = torch.where(bad, torch.full_like(codes[ids_built], 2.0), codes[ids_built])
-    return built, codes
+    return built, _failure_codes(len(plan.jobs), failed, built, device)
+
+
+def _failure_codes(jobs: int, failed: dict[int, float], built: dict[int, list[Tensor]],
+                   device: torch.device) -> Tensor:
+    """Per job its code: ``failed``'s, 2 for a built preconditioner with a NaN/Inf (its tensors' max-abs norms summed,
+    no host sync), else 0 — one vector assembled on ``device`` from device scalars, with no host → device upload (on
+    CUDA each one is a stream sync)."""
+    zero = torch.zeros((), device=device)
+    norms = iter(max_abs([t for ts in built.values() for t in ts]))
+    bad = {j: ~torch.isfinite(torch.stack([next(norms) for _ in ts]).sum()) for j, ts in built.items()}
+    codes = [bad[j].to(device=device, dtype=zero.dtype) * 2.0 if j in bad else
+             torch.full((), failed[j], device=device) if j in failed else zero for j in range(jobs)]
+    return torch.stack(codes) if codes else zero.reshape(0)
 
 
 def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, damping: float,

@@ -171,6 +171,8 @@ class FisherBlock(ABC):
         self._handles: list[RemovableHandle] = []
         self._inverse: tuple[Tensor, ...] | None = None
         self._method = "inverse"
+        # momentum u of the polar direction (ds_spngd.polar), d_out × d_A fp32, on the ranks preconditioning the block
+        self.direction_momentum: Tensor | None = None
 
     @property
     @abstractmethod
@@ -356,6 +358,8 @@ class FisherBlock(ABC):
         state["preconditioner"] = None if self._inverse is None else [t.clone() for t in self._inverse]
         state["method"] = self._method
         state["ready"] = self.precond_ready
+        if self.direction_momentum is not None:
+            state["direction_momentum"] = self.direction_momentum.clone()
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -377,6 +381,10 @@ class FisherBlock(ABC):
         if state.get("method") is not None:
             self._method = str(state["method"])
         self.precond_ready = bool(state.get("ready", inv is not None))
+        mom = state.get("direction_momentum")
+        if mom is not None and not isinstance(mom, Tensor):
+            raise ValueError(f"{self.name}: checkpoint direction_momentum must be a tensor")
+        self.direction_momentum = None if mom is None else mom.to(device=dev, dtype=torch.float32).clone()
 
     @abstractmethod
     def describe(self) -> str:

@@ -11,7 +11,7 @@ output; :func:`lm_logits` reads either). The loss is computed outside the model,
 * :class:`GPT`: ``nn.Embedding`` token + position embeddings, pre-norm blocks of fused q/k/v ``nn.Linear`` + output
   projection around ``F.scaled_dot_product_attention(is_causal=True)`` and a 4x GELU MLP of ``nn.Linear``,
   ``nn.RMSNorm`` (or ``nn.LayerNorm``), and an output ``lm_head`` (``nn.Linear``, bias-free) whose weight *is*
-  ``tok_emb.weight``. No ``nn.MultiheadAttention`` (its ``out_proj`` bypasses module hooks).
+  ``tok_embed.weight``. No ``nn.MultiheadAttention`` (its ``out_proj`` bypasses module hooks).
 
 :func:`param_groups` splits parameters into the usual transformer recipe's decay / no-decay groups.
 """
@@ -148,19 +148,19 @@ class GPT(nn.Module):
     """Plain-PyTorch GPT: token ids ``(N, T)`` int64 -> logits ``(N, T, V)`` in the parameters' dtype.
 
     Weights are initialized as GPT-2 (normal, std 0.02; residual output projections 0.02 / sqrt(2 n_layer); zero
-    biases; unit norm scales). ``lm_head.weight`` is ``tok_emb.weight`` (one parameter).
+    biases; unit norm scales). ``lm_head.weight`` is ``tok_embed.weight`` (one parameter).
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.tok_embed = nn.Embedding(cfg.vocab, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
+        self.lm_head.weight = self.tok_embed.weight
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -179,7 +179,7 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={self.cfg.n_positions}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device)))
+        x = self.drop(self.tok_embed(idx) + self.pos_embed(torch.arange(t, device=idx.device)))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm_f(x))

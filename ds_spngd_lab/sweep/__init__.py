@@ -9,6 +9,11 @@ SP-NGD) × learning-rate multiplier × world size, each run through the deepspee
   perfect-scaling line and the McCandlish et al. 2018 noise-scale prediction, time to target) and their upload as
   W&B images;
 * :mod:`ds_spngd_lab.sweep.cli` — ``python -m ds_spngd_lab.sweep`` / ``python launch/sweep.py``.
+
+The language-model race (``benchmarks/lm_race.py``, ``benchmarks/lm_batch_scaling.py``) has its own modules here:
+:mod:`ds_spngd_lab.sweep.lm_runs` (LR / warm-up grids, per-run JSON, resumable launches of ``train_lm.py``),
+:mod:`ds_spngd_lab.sweep.lm_report` (best LR per config, the best baseline's loss as target, ratios) and
+:mod:`ds_spngd_lab.sweep.lm_scaling` (batch × config × LR grid at a fixed target, B_simple, table and figure).
 """
 
 from ds_spngd_lab.sweep.grid import OPTIMIZERS, RunSpec, build_grid, run_config

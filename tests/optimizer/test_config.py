@@ -49,6 +49,10 @@ DEFAULTS = {
     "stale_statistics": False,
     "stale_tolerance": 0.05,
     "stale_max_interval": 8,
+    "direction": "natural",
+    "polar_momentum": 0.95,
+    "polar_nesterov": True,
+    "polar_steps": 5,
 }
 
 # a valid non-default value for every public key
@@ -82,6 +86,10 @@ VALID = {
     "stale_statistics": True,
     "stale_tolerance": 0.2,
     "stale_max_interval": 4,
+    "direction": "polar",
+    "polar_momentum": 0.9,
+    "polar_nesterov": False,
+    "polar_steps": 3,
 }
 
 # (key, value of a wrong type)
@@ -127,6 +135,12 @@ WRONG_TYPE = [
     ("stale_tolerance", True),
     ("stale_max_interval", 2.5),
     ("stale_max_interval", True),
+    ("direction", 1),
+    ("polar_momentum", "high"),
+    ("polar_momentum", True),
+    ("polar_nesterov", "yes please"),
+    ("polar_steps", 2.5),
+    ("polar_steps", True),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -167,6 +181,11 @@ OUT_OF_RANGE = [
     ("stale_statistics", 2),
     ("stale_tolerance", -0.1),
     ("stale_max_interval", 0),
+    ("direction", "orthogonal"),
+    ("polar_momentum", 1.0),
+    ("polar_nesterov", 2),
+    ("polar_steps", 0),
+    ("polar_steps", 21),
 ]
 
 

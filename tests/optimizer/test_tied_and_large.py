@@ -409,7 +409,7 @@ def meta_lm(kind: str) -> tuple[nn.Module, nn.Module, nn.Module]:
 
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab=50257, n_layer=2, n_head=12, n_embd=768, n_positions=1024))
-    return model, model.lm_head, model.tok_emb
+    return model, model.lm_head, model.tok_embed
 
 
 def rss_bytes() -> int:

@@ -5,8 +5,9 @@ DeepSpeed's flat fp32 partitions, and the two pieces of glue that partitioning n
   of the curvature math; the stage-0 counterpart, :class:`ds_spngd.gradients.DenseGradients`, stays with the
   optimizer). Each parameter group holds one parameter, this rank's flat fp32 partition of the group; each model
   parameter's ``_hp_mapping`` (DeepSpeed's fragment map) says which group (``param_group_index``) and which slice of
-  its partition lives here. A block's full gradient is rebuilt by summing zero-padded fragments over the ranks
-  (all-reduce for ``comm_opt``, reduce to the block's owner for ``mem_opt``); the preconditioned result is written
+  its partition lives here. A block's full gradient is rebuilt from the ranks' fragments: for ``comm_opt`` by
+  all-gathering the partitions, where each parameter is one range (:mod:`ds_spngd.comm.fragments`), else by summing
+  zero-padded fragments (all-reduce; reduce to the block's owner for ``mem_opt``); the preconditioned result is written
   back into this rank's slices only, and momentum / weight decay stay elementwise on the partitions with each group's
   own lr, momentum and weight_decay (ZeRO's memory saving is kept). Chosen over preconditioning before DeepSpeed's
   reduction (which cannot form KL-clipping's Σ F̂⁻¹g·g of the *averaged* gradient) and over aligning owners with
@@ -65,7 +66,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ds_spngd.comm.agreement import max_abs
 from ds_spngd.comm.collectives import all_reduce_sum, rank, reduce_sum, world_size
+from ds_spngd.comm.fragments import FlatLayout, exchange_layout, gather_flats
 from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.gradients import BlockGrads, Groups, Position
 
@@ -111,6 +114,8 @@ class PartitionedGradients:
         self._kept: list[tuple[dict[str, Any], Tensor | None]] = []  # this step's earlier groups and their gradients
         self._deferred = False
         self.write_back: Callable[[int], None] | None = None
+        self._index_cache: tuple[tuple[tuple[int, ...], torch.device], Tensor] | None = None
+        self._layout: tuple[Any, FlatLayout | None] | None = None  # (group, where each block parameter lies)
 
     # ---- several groups: DeepSpeed's one-group-at-a-time calls ----------------------------------------------------
     def begin_step(self, groups: Groups) -> Groups | None:
@@ -194,6 +199,10 @@ class PartitionedGradients:
         grads = self._grads()
         if grads is None:
             return {}, 0
+        if owners is None and ids and world_size(group) > 1:
+            gathered = self._gathered(ids, grads, group)
+            if gathered is not None:
+                return gathered
         plan = [(None, list(ids))] if owners is None else [
             (o, [i for i in ids if owners[i] == o]) for o in range(world_size(group))]
         out: dict[int, list[Tensor]] = {}
@@ -227,6 +236,27 @@ class PartitionedGradients:
                 out[i] = gs
         return out, sent
 
+    def _gathered(self, ids: Sequence[int], grads: list[Tensor], group: Any) -> tuple[BlockGrads, int] | None:
+        """Every rank receives every block: the blocks' gradients as views of the all-gathered partitions
+        (:mod:`ds_spngd.comm.fragments`: half an all-reduce's traffic), or None where that does not apply — the
+        layout (learned once, a collective) leaves a parameter out, or the blocks asked for are under half the
+        partitions (the all-reduce then moves less). Every condition is identical on every rank."""
+        if self._layout is None or self._layout[0] is not group:
+            keys = {(i, k): p for i, b in enumerate(self.blocks) for k, p in enumerate(b.params)}
+            mine = {key: f for key, p in keys.items() if (f := self._fragments(p)) is not None}
+            sizes = [self._flat(gi).numel() for gi in range(len(self.opt.param_groups))]
+            self._layout = (group, exchange_layout(sizes, mine, {k: p.numel() for k, p in keys.items()}, group))
+        layout = self._layout[1]
+        params = [((i, k), p) for i in ids for k, p in enumerate(self.blocks[i].params)]
+        if layout is None or any(key not in layout.offsets for key, _ in params) or \
+                2 * sum(p.numel() for _, p in params) < world_size(group) * sum(layout.sizes):
+            return None
+        full = gather_flats([g.float() for g in grads], group)
+        views = {key: full[layout.offsets[key][0]].narrow(0, layout.offsets[key][1], p.numel()).view_as(p)
+                 for key, p in params}
+        return {i: [views[(i, k)] for k in range(len(self.blocks[i].params))] for i in ids}, \
+            sum(f.numel() for f in full) * 4
+
     def available(self, ids: Sequence[int]) -> list[int]:
         """All of ``ids`` when every group's partition has a gradient this step (ZeRO sets them on every rank), else
         none."""
@@ -247,6 +277,23 @@ class PartitionedGradients:
                     if (gi, 0) not in out:
                         out[(gi, 0)] = grads[gi].float().clone()
                     out[(gi, 0)][hp : hp + n] = v.reshape(-1)[lp : lp + n]
+        return out
+
+    def final_mask(self, ids: Sequence[int]) -> dict[Position, Tensor | None]:
+        """Per group whose partition holds a fragment of blocks ``ids``: a bool mask of those fragments' elements."""
+        grads = self._grads()
+        if grads is None:
+            return {}
+        out: dict[Position, Tensor | None] = {}
+        for i in ids:
+            for p in self.blocks[i].params:
+                frag = self._fragments(p)
+                if frag is not None:
+                    gi, hp, _, n = frag
+                    mask = out.get((gi, 0))
+                    if mask is None:
+                        mask = out[(gi, 0)] = torch.zeros(grads[gi].shape, dtype=torch.bool, device=grads[gi].device)
+                    mask[hp : hp + n] = True
         return out
 
     @property
@@ -271,12 +318,19 @@ class PartitionedGradients:
                 if frag is not None and grad is not None:
                     frags.append(grad[frag[1] : frag[1] + frag[3]])
                     owner.append(i)
-        norms = torch._foreach_norm([*frags, *grads], float("inf"))
+        norms = max_abs([*frags, *grads])
         bad = (~torch.isfinite(torch.stack(norms).to(device))).float()
         flags[-1] = bad[len(frags) :].max()
         if owner:  # a block's weight and bias fragments: flag the block once
-            flags[:-1].index_add_(0, torch.tensor(owner, device=device), bad[: len(frags)]).clamp_(max=1.0)
+            flags[:-1].index_add_(0, self._owner_index(owner, device), bad[: len(frags)]).clamp_(max=1.0)
         return flags
+
+    def _owner_index(self, owner: list[int], device: torch.device) -> Tensor:
+        """``owner`` on ``device``, kept while it is the same: no upload per step (on CUDA, a stream sync each)."""
+        key = (tuple(owner), device)
+        if self._index_cache is None or self._index_cache[0] != key:
+            self._index_cache = (key, torch.tensor(owner, device=device))
+        return self._index_cache[1]
 
     def weight(self, block_index: int) -> list[Tensor]:
         """This rank's fp32 master fragment of the block's weight (empty when it holds none)."""

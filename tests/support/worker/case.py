@@ -67,9 +67,9 @@ class Case:
         kl_clip: SP-NGD's ``kl_clip``.
         weight_rescale: SP-NGD's ``weight_rescale``.
         inv_update_steps: SP-NGD's ``inv_update_steps``.
-        nonfinite, max_consecutive_skips, stale_statistics, stale_tolerance, stale_max_interval, max_factor_dim: the
-            SP-NGD options of those names, passed only when given (None: SP-NGD's default; ``max_factor_dim``: blocked
-            sides, one owner per diagonal block).
+        nonfinite, max_consecutive_skips, stale_statistics, stale_tolerance, stale_max_interval, max_factor_dim,
+            direction: the SP-NGD options of those names, passed only when given (None: SP-NGD's default;
+            ``max_factor_dim``: blocked sides, one owner per diagonal block).
         count_collectives: record every reduce / all_reduce / broadcast / all-gather / reduce-scatter per step.
         resume_at: save a checkpoint after that many steps, build a fresh engine, load it and continue.
         groups: two parameter groups (:func:`tests.support.worker.net.param_groups`); every rank then also records
@@ -106,6 +106,7 @@ class Case:
     stale_tolerance: float | None = None
     stale_max_interval: int | None = None
     max_factor_dim: int | None = None
+    direction: str | None = None
     count_collectives: bool = False
     resume_at: int | None = None
     groups: Groups | None = None
@@ -119,7 +120,7 @@ class Case:
     def optional_options(self) -> dict[str, Any]:
         """The SP-NGD options passed only when the case gives them."""
         keys = ("nonfinite", "max_consecutive_skips", "stale_statistics", "stale_tolerance", "stale_max_interval",
-                "max_factor_dim")
+                "max_factor_dim", "direction")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def fault(self, rank: int, step: int, kind: str) -> bool:
