@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from ds_spngd_lab.sweep.lm_report import best_per_config
-from ds_spngd_lab.sweep.lm_runs import LaunchSettings, controlled_flags, parse_spec, run_all
+from ds_spngd_lab.sweep.lm_runs import LaunchSettings, add_launch_arguments, resolve_configs, run_all
 from ds_spngd_lab.sweep.lm_scaling import (
     parse_steps_per_batch,
     plan_batch,
@@ -45,8 +45,6 @@ from ds_spngd_lab.sweep.lm_scaling import (
     scaling_markdown,
     scaling_summary,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -60,29 +58,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--lr-mults", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                     help="multipliers of the sqrt-rule LR at batches without a CONFIG@B spec")
     ap.add_argument("--evals", type=int, default=20, help="evaluations per run (every steps // evals steps)")
-    ap.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch per rank")
     ap.add_argument("--no-noise-scale", action="store_true", help="keep the JSONs' ZeRO stages (no B_simple)")
-    ap.add_argument("--model", default="gpt", choices=("gpt", "hf-gpt2"))
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
-    ap.add_argument("--out", default="runs/lm_batch_scaling")
     ap.add_argument("--report-only", action="store_true", help="only redo the report from <out>/results.json")
+    add_launch_arguments(ap, out="runs/lm_batch_scaling")
     args, extra = ap.parse_known_args(argv)
-    if controlled_flags(extra):
-        ap.error(f"the driver sets {controlled_flags(extra)} itself (use --sweep / its own options)")
+    resolve_configs(ap, args, extra, who="the driver")
     try:
         args.steps = parse_steps_per_batch(args.steps_per_batch)
-        args.specs = [parse_spec(s) for s in args.sweep]
     except ValueError as exc:
         ap.error(str(exc))
     unknown_b = sorted({s.batch for s in args.specs if s.batch is not None} - set(args.steps))
     if unknown_b:
         ap.error(f"--sweep names batches {unknown_b} that --steps-per-batch does not run")
-    args.configs = list(dict.fromkeys([*args.configs, *(s.config for s in args.specs)]))
-    missing = [c for c in args.configs if not (ROOT / "ds_configs" / f"{c}.json").exists()]
-    if missing:
-        ap.error(f"no ds_configs/<name>.json for {missing}")
     if args.evals <= 0 or any(m <= 0 for m in args.lr_mults):
         ap.error("--evals and --lr-mults must be positive")
     return args, extra

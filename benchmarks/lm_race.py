@@ -46,14 +46,12 @@ from ds_spngd_lab.sweep.lm_report import markdown, summarize
 from ds_spngd_lab.sweep.lm_runs import (
     LaunchSettings,
     LMRun,
-    controlled_flags,
+    add_launch_arguments,
     grid_points,
     load_ds_config,
-    parse_spec,
+    resolve_configs,
     run_all,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -62,29 +60,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                  allow_abbrev=False)  # --lr must reach train_lm.py's check, not --lr-mults
     ap.add_argument("--configs", nargs="+", default=["adamw_gpt", "spngd_gpt"], help="ds_configs/<name>.json")
     ap.add_argument("--sweep", nargs="*", default=[], metavar="SPEC", help="CONFIG:KEY=V1,V2[:KEY=...] grids")
-    ap.add_argument("--model", default="gpt", choices=("gpt", "hf-gpt2"))
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run (each one's LR schedule)")
     ap.add_argument("--eval-interval", type=int, default=20)
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the JSON's)")
-    ap.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch per rank")
     ap.add_argument("--noise-scale", action="store_true", help="ZeRO stage 0 and B_simple measured in every run")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
-    ap.add_argument("--out", default="runs/lm_race")
+    add_launch_arguments(ap, out="runs/lm_race")
     args, extra = ap.parse_known_args(argv)
-    if controlled_flags(extra):
-        ap.error(f"the race sets {controlled_flags(extra)} itself (use --sweep / its own options)")
-    try:
-        args.specs = [parse_spec(s) for s in args.sweep]
-    except ValueError as exc:
-        ap.error(str(exc))
+    resolve_configs(ap, args, extra, who="the race")
     if any(s.batch is not None for s in args.specs):
         ap.error("CONFIG@B specs belong to benchmarks/lm_batch_scaling.py; use --global-batch here")
-    args.configs = list(dict.fromkeys([*args.configs, *(s.config for s in args.specs)]))
-    missing = [c for c in args.configs if not (ROOT / "ds_configs" / f"{c}.json").exists()]
-    if missing:
-        ap.error(f"no ds_configs/<name>.json for {missing}")
     return args, extra
 
 

@@ -26,6 +26,7 @@ makes it crawl; runs of a Muon config get ``TORCHDYNAMO_DISABLE=1`` when CUDA is
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import json
@@ -165,6 +166,31 @@ CONTROLLED = ("--deepspeed_config", "--model", "--global-batch", "--max-steps", 
 def controlled_flags(extra: Sequence[str]) -> list[str]:
     """The train_lm.py flags in ``extra`` that the harness sets itself (given again they would override the grid)."""
     return [a for a in extra if a.split("=", 1)[0] in CONTROLLED]
+
+
+def add_launch_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options every LM driver (race, batch scaling) passes to :class:`LaunchSettings`."""
+    ap.add_argument("--model", default="gpt", choices=("gpt", "hf-gpt2"))
+    ap.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch per rank")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
+    ap.add_argument("--out", default=out)
+
+
+def resolve_configs(ap: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str], who: str) -> None:
+    """Refuse train_lm.py flags the driver sets itself, parse ``args.sweep`` into ``args.specs``, append the specs'
+    configs to ``args.configs`` and refuse configs without a ``ds_configs/<name>.json`` (``ap.error``)."""
+    if controlled_flags(extra):
+        ap.error(f"{who} sets {controlled_flags(extra)} itself (use --sweep / its own options)")
+    try:
+        args.specs = [parse_spec(spec) for spec in args.sweep]
+    except ValueError as exc:
+        ap.error(str(exc))
+    args.configs = list(dict.fromkeys([*args.configs, *(spec.config for spec in args.specs)]))
+    missing = [c for c in args.configs if not (ROOT / "ds_configs" / f"{c}.json").exists()]
+    if missing:
+        ap.error(f"no ds_configs/<name>.json for {missing}")
 
 
 def train_args(run: LMRun, s: LaunchSettings, config_path: Path, out_dir: Path) -> list[str]:
