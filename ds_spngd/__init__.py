@@ -3,6 +3,7 @@
 Public API:
     :class:`SPNGD` — the optimizer (usable without DeepSpeed too).
     :class:`SPNGDConfig`, :class:`SPNGDConfigError` — the JSON schema and its error.
+    :class:`SPNGDCheckpointError` — a checkpoint whose SP-NGD shards are missing, unreadable or from another run.
     :func:`initialize` — deepspeed.initialize that understands ``"optimizer": {"type": "SPNGD", "params": {...}}``;
     :func:`get_spngd`, :func:`noise_scale_stats` — read an engine built by it.
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ds_spngd.checkpoint import SPNGDCheckpointError
 from ds_spngd.config import SPNGDConfig, SPNGDConfigError
 from ds_spngd.optimizer import SPNGD
 
-__all__ = ["SPNGD", "SPNGDConfig", "SPNGDConfigError", "initialize", "get_spngd", "noise_scale_stats"]
+__all__ = ["SPNGD", "SPNGDCheckpointError", "SPNGDConfig", "SPNGDConfigError", "initialize", "get_spngd",
+           "noise_scale_stats"]
 __version__ = "0.1.0"
 
 _ENGINE_API = {"initialize", "get_spngd", "noise_scale_stats"}

@@ -14,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -131,6 +133,10 @@ class SPNGDConfig(BaseModel):
         polar_momentum: β of the polar direction's momentum (Muon's 0.95).
         polar_nesterov: Nesterov form n = F̂⁻¹g + β·u (Muon's default) instead of u.
         polar_steps: Newton–Schulz iterations approximating msgn (5 in Muon).
+        min_preconditioned_fraction: φ ∈ [0, 1]: when Fisher blocks cover less than this fraction of the optimizer's
+            parameter elements (or none of them, whatever φ is), the constructor logs a warning on rank 0 naming the
+            fraction and the largest parameters left to the plain momentum-SGD update (:mod:`ds_spngd.startup`).
+            0 warns only when nothing is preconditioned.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -168,11 +174,12 @@ class SPNGDConfig(BaseModel):
     polar_momentum: float = Field(0.95, ge=0.0, lt=1.0)
     polar_nesterov: bool = True
     polar_steps: int = Field(5, ge=1, le=20)
+    min_preconditioned_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
         "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", "stale_tolerance",
-        "stale_max_interval", "polar_momentum", "polar_steps", mode="before",
+        "stale_max_interval", "polar_momentum", "polar_steps", "min_preconditioned_fraction", mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:
@@ -189,14 +196,32 @@ class SPNGDConfig(BaseModel):
             )
 
 
+def suggest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known key closest to a mistyped ``key`` (:func:`difflib.get_close_matches`, case-insensitive), or None."""
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+    return by_lower[close[0]] if close else None
+
+
 def _format_errors(err: ValidationError, prefix: str) -> str:
+    """One line per offending key; an unknown key gets the closest known key, or the list of known keys."""
     lines = []
+    known = sorted(SPNGDConfig.model_fields)
+    unmatched = False
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}.{loc}" if loc else prefix
+        if e["type"] == "extra_forbidden":
+            guess = suggest_key(loc, known)
+            unmatched |= guess is None
+            lines.append(f"  {key}: unknown key; did you mean {guess!r}?" if guess is not None
+                         else f"  {key}: unknown key (no SP-NGD key is close to it)")
+            continue
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {key}: {e['msg']}{got_s}")
+    if unmatched:
+        lines.append(f"  the keys of {prefix} are: {', '.join(known)}")
     return "invalid SP-NGD config:\n" + "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from ds_spngd.comm.assignment import block_cost
 from ds_spngd.comm.inversion import OwnerPlan, plan_parts
 from ds_spngd.comm.wire import ring_bytes
-from ds_spngd.curvature.base import FisherBlock
+from ds_spngd.curvature.base import FisherBlock, full_numel
 from ds_spngd.curvature.kronecker import KroneckerBlock
 from ds_spngd.curvature.unit_wise import UnitWiseBlock
 from ds_spngd.placement import PLACEMENTS
@@ -172,7 +172,7 @@ def payloads(blocks: Sequence[FisherBlock], grad_numel: int, plan: OwnerPlan, me
     moved = [n for j, n in enumerate(part_numel) if plan.owners[j] != plan.block_owners[plan.jobs[j][0]]]
     return Payloads(
         grad_numel=grad_numel,
-        block_numel=sum(p.numel() for b in blocks for p in b.params),
+        block_numel=sum(full_numel(p) for b in blocks for p in b.params),
         factor_numel=sum(f.packed_numel for b in blocks for f in b.factors),
         precond_numel=sum(part_numel),
         moved_precond_numel=sum(moved),

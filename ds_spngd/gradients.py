@@ -4,7 +4,7 @@ spirit of Distributed Shampoo's ``distributor``).
 :class:`GradientAccess` is the interface the step uses; :class:`DenseGradients` implements it for whole parameters
 (ZeRO stage 0, or any plain ``torch.optim`` use): the optimizer's ``param_groups`` hold whole parameters whose
 ``.grad`` is the global average, and blocks are found by position. Engine integrations provide other
-implementations — DeepSpeed's ZeRO 1/2 flat partitions live in :mod:`ds_spngd.integrations.deepspeed.zero` — and
+implementations — DeepSpeed's ZeRO 1/2/3 flat partitions live in :mod:`ds_spngd.integrations.deepspeed.zero` — and
 hand them to :meth:`ds_spngd.SPNGD.setup_distributed`.
 """
 
@@ -27,7 +27,7 @@ Groups = list[dict[str, Any]]
 
 
 class GradientAccess(Protocol):
-    """How one SP-NGD step reads gradients and writes directions (stage 0: :class:`DenseGradients`; ZeRO 1/2:
+    """How one SP-NGD step reads gradients and writes directions (stage 0: :class:`DenseGradients`; ZeRO 1/2/3:
     :class:`ds_spngd.integrations.deepspeed.zero.PartitionedGradients`).
 
     Attributes:
@@ -54,6 +54,9 @@ class GradientAccess(Protocol):
 
     def available(self, ids: Sequence[int]) -> list[int]:
         """The blocks among ``ids`` whose gradients exist this step (identical on every rank)."""
+
+    def shapes(self, block_index: int) -> list[tuple[int, ...]]:
+        """The full shapes of a block's parameters (ZeRO 3 empties them between forward passes)."""
 
     @property
     def names(self) -> list[str]:
@@ -130,6 +133,10 @@ class DenseGradients:
     def available(self, ids: Sequence[int]) -> list[int]:
         """The blocks among ``ids`` whose every parameter has a gradient (identical on all ranks)."""
         return [i for i in ids if all(self._param(pos).grad is not None for pos in self.positions[i])]
+
+    def shapes(self, block_index: int) -> list[tuple[int, ...]]:
+        """The shapes of a block's parameters (whole parameters here)."""
+        return [tuple(p.shape) for p in self.blocks[block_index].params]
 
     @property
     def names(self) -> list[str]:

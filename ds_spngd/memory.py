@@ -14,7 +14,7 @@ Keys:
     ``comm_buffers``: packed factor payloads in ``comm_dtype`` plus the owners' unpacked fp32 sums (refresh steps),
         and the placement's per-step direction buffers (:meth:`ds_spngd.placement.Placement.direction_buffer_bytes`);
     ``momentum``: the heavy-ball buffers (fp32, the optimizer's parameters of the groups with momentum ≠ 0: whole at
-        stage 0, each group's partition at ZeRO 1/2);
+        stage 0, each group's partition(s) at ZeRO 1/2/3);
     ``total``: their sum.
 """
 
@@ -28,7 +28,7 @@ from ds_spngd.comm.collectives import all_reduce_sum, backend, world_size
 from ds_spngd.comm.factor_reduction import FactorReducer
 from ds_spngd.comm.inversion import OwnerPlan, plan_parts
 from ds_spngd.config import SPNGDConfig
-from ds_spngd.curvature.base import FisherBlock
+from ds_spngd.curvature.base import FisherBlock, full_numel
 from ds_spngd.gradients import GradientAccess
 from ds_spngd.placement import make_placement
 from ds_spngd.polar import takes_polar
@@ -108,10 +108,10 @@ def memory_plan(opt: PlannedOptimizer, rank: int | None = None, world: int | Non
     method = opt.cfg.inverse_method
     elem = torch.empty(0, dtype=opt.reducer.dtype, device="cpu").element_size()
     payload = sum(b.numel for b in opt.reducer.all_buckets) * elem
-    directions = placement.direction_buffer_bytes(sum(p.numel() for b in opt.blocks for p in b.params))
+    directions = placement.direction_buffer_bytes(sum(full_numel(p) for b in opt.blocks for p in b.params))
     momentum = 4 * opt.grads.momentum_numel()  # the groups with momentum ≠ 0
     if opt.cfg.direction == "polar":  # one d_out × d_A fp32 momentum per Kronecker block this rank preconditions
-        momentum += sum(4 * sum(p.numel() for p in b.params) for b in held if takes_polar(b))
+        momentum += sum(4 * sum(full_numel(p) for p in b.params) for b in held if takes_polar(b))
     return _total({
         "factors": sum(f.nbytes for f in owned_factors),
         "accumulators": sum(f.nbytes for b in opt.blocks for f in b.factors),

@@ -26,7 +26,7 @@ Steps 1–3 and the failure path are :mod:`ds_spngd.transaction`, step 4 is the 
 the parameters it serves; the step's host syncs are O(1) (the agreement, and on inversion steps the Cholesky status
 check and the inversion agreement), never per layer. Gradients are reached through a
 :class:`ds_spngd.gradients.GradientAccess` (whole parameters by default; an engine integration hands in its own,
-e.g. ZeRO 1/2 partitions from :mod:`ds_spngd.integrations.deepspeed.zero`).
+e.g. ZeRO 1/2/3 partitions from :mod:`ds_spngd.integrations.deepspeed.zero`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ds_spngd.comm.collectives import rank, world_size
 from ds_spngd.comm.factor_reduction import FactorReducer
 from ds_spngd.comm.inversion import OwnerPlan
 from ds_spngd.config import SPNGDConfig, parse_spngd_params
-from ds_spngd.curvature.base import CaptureContext, FisherBlock
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, full_shape
 from ds_spngd.curvature.model_output import ModelOutputHook
 from ds_spngd.curvature.registry import build_blocks, describe_blocks
 from ds_spngd.distributed import DistributedPlan, plan_distributed
@@ -54,6 +54,7 @@ from ds_spngd.memory import agree_on_memory, memory_plan, memory_usage
 from ds_spngd.placement import DirectionInputs, Placement, directions
 from ds_spngd.polar import PolarSettings
 from ds_spngd.staleness import RefreshSchedule
+from ds_spngd.startup import ParamGuard, coverage, warn_if_little_preconditioned
 from ds_spngd.transaction import (
     LedgerField,
     SkipLedger,
@@ -130,19 +131,25 @@ class SPNGD(torch.optim.Optimizer):
         self.group: Any = None
         self.steps = 0
         self.setup_distributed(process_group)
+        # an engine integration's setup_distributed() sets this to None; until then step() checks the param groups
+        self._param_guard: ParamGuard | None = ParamGuard(self.param_groups)
         self._reported_silent = False
         self._rescaled = [i for i, b in enumerate(self.blocks) if b.kind == "kronecker"]  # weight rescaling
-        self._rescaler = WeightRescaler([self.blocks[i].params[0].shape[0] for i in self._rescaled])
+        self._rescaler = WeightRescaler([full_shape(self.blocks[i].params[0])[0] for i in self._rescaled])
         self._polar = PolarSettings(cfg.polar_momentum, cfg.polar_nesterov, cfg.polar_steps) \
             if cfg.direction == "polar" else None
         self._stats: dict[str, float | Tensor] = {}
         self.engine_times: dict[str, float] = {}  # forward/backward seconds of the current step (set by attach)
         logger.debug("%s", self.report())
+        warn_if_little_preconditioned(self, model)  # rank 0: little or nothing preconditioned (ds_spngd.startup)
 
     # ---- reporting --------------------------------------------------------------------------------------------
     def report(self) -> str:
         """Human-readable list of the preconditioned modules and of those left to the base update."""
-        return describe_blocks(self.blocks, self.fallback)
+        covered, total = coverage(self)
+        share = f"{covered / total:.1%}" if total else "none"
+        return (describe_blocks(self.blocks, self.fallback)
+                + f"\nFisher blocks cover {share} of the {total:,} trainable parameter elements ({covered:,})")
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -169,9 +176,10 @@ class SPNGD(torch.optim.Optimizer):
 
         Runs in the constructor (``group`` None = world) and again from an engine integration once the engine is
         built (:func:`ds_spngd.initialize`: DeepSpeed's data-parallel group, and ``gradients`` = the engine's gradient
-        layout, e.g. ZeRO 1/2 partitions; None keeps the current one, :class:`ds_spngd.gradients.DenseGradients` at
+        layout, e.g. ZeRO 1/2/3 partitions; None keeps the current one, :class:`ds_spngd.gradients.DenseGradients` at
         first). A collective on first use of a group: SP-NGD's private communicator is created here
-        (:func:`ds_spngd.comm.collectives.private_group`).
+        (:func:`ds_spngd.comm.collectives.private_group`). After a call from an integration, :meth:`step` no longer
+        checks that ``param_groups`` hold the parameters SP-NGD was built with (:class:`ds_spngd.startup.ParamGuard`).
 
         Raises:
             RuntimeError: after the first step (re-planning then would change the collective order mid-run).
@@ -188,6 +196,7 @@ class SPNGD(torch.optim.Optimizer):
         self.group = self._dist.group
         if self.cfg.memory_check:  # before any curvature tensor exists (raises MemoryError naming the keys to turn)
             agree_on_memory(self)
+        self._param_guard = None  # an engine set SP-NGD up: step() stops checking param_groups (see __init__)
 
     @property
     def owner_plan(self) -> OwnerPlan | None:
@@ -245,18 +254,23 @@ class SPNGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply one SP-NGD update (see the module docstring).
 
-        Under ZeRO 1/2 with several parameter groups DeepSpeed calls this once per group with ``param_groups``
-        narrowed to that group; the update of every group happens on the last group's call
-        (:mod:`ds_spngd.gradients`), the earlier calls only keep their gradient.
+        Under ZeRO DeepSpeed calls this once per flat partition (ZeRO 1/2: per parameter group, ``param_groups``
+        narrowed to it; ZeRO 3: per sub-group); the update of every group happens on the last call
+        (:mod:`ds_spngd.integrations.deepspeed.zero_steps`), the earlier calls only keep their gradient.
 
         Raises:
             FloatingPointError: (``nonfinite: "raise"``, or more than ``max_consecutive_skips`` skips in a row)
                 naming the layers whose gradients, reduced factors or inversions are NaN/Inf / failed — raised on
                 every rank at the same point; no parameter, factor, preconditioner, momentum or counter changed.
-            RuntimeError: a factor got contributions after its bucket was sent (every rank, same message).
+            RuntimeError: a factor got contributions after its bucket was sent (every rank, same message); or, before
+                anything runs, no engine integration set SP-NGD up and its ``param_groups`` no longer hold the
+                parameters it was built with (handed to ``deepspeed.initialize`` directly: use
+                ``ds_spngd.initialize``; :class:`ds_spngd.startup.ParamGuard`, every rank alike).
         """
+        if self._param_guard is not None:  # no engine integration set SP-NGD up: were its parameters replaced?
+            self._param_guard.check(self.param_groups)
         groups = self.grads.begin_step(self.param_groups)
-        if groups is None:  # an earlier group's call under ZeRO 1/2: its gradient is kept for the last call
+        if groups is None:  # an earlier partition's call under ZeRO: its gradient is kept for the last call
             return None
         narrowed, self.param_groups = self.param_groups, groups
         completed = False

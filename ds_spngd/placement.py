@@ -10,7 +10,7 @@ This is the only module that turns the ``precondition_mode`` string into behavio
 * :class:`CommOpt` (``"comm_opt"``, default): every rank holds every preconditioner (broadcast on inversion steps)
   and preconditions every block's already averaged gradient itself; nothing extra travels between inversions.
 * :class:`MemOpt` (``"mem_opt"``): each block owner holds its blocks' preconditioners, preconditions their gradients
-  (under ZeRO 1/2 the block's gradient is first rebuilt on its owner) and broadcasts the directions every step
+  (under ZeRO 1-3 the block's gradient is first rebuilt on its owner) and broadcasts the directions every step
   (:func:`ds_spngd.comm.inversion.share_directions`): every inverse is held by one rank only (SP-NGD's scheme).
 * :class:`ReduceScatter` (``"reduce_scatter"``, ZeRO 0; Osawa et al. CVPR 2019, arXiv:1811.12019 §4): the engine's
   gradient all-reduce is off; each block's local gradients are reduced to its owner during the backward pass
@@ -120,7 +120,7 @@ class Placement:
     def share(self, nat: BlockGrads, job: DirectionInputs, ready: list[int], vg: Tensor) -> tuple[BlockGrads, Tensor,
                                                                                                    int]:
         """Make every block's direction known to every rank: (directions, Σ F̂⁻¹g·g over all blocks, bytes)."""
-        shapes = {i: [tuple(p.shape) for p in job.blocks[i].params] for i in ready}
+        shapes = {i: job.grads.shapes(i) for i in ready}
         out, total, sent = share_directions(nat, shapes, job.block_owners, vg, job.group, job.device)
         return out, total.double(), sent
 
@@ -211,7 +211,7 @@ class ReduceScatter(Placement):
         """
         if grads.partitioned:
             raise ValueError('optimizer.params.precondition_mode="reduce_scatter" needs ZeRO stage 0 (DeepSpeed\'s '
-                             'gradient all-reduce is replaced); use "comm_opt" or "mem_opt" with ZeRO 1/2')
+                             'gradient all-reduce is replaced); use "comm_opt" or "mem_opt" with ZeRO 1-3')
         self.reducer = GradientReducer(blocks, block_owners, private_group(group, "gradients"), cap_bytes, overlap)
 
     def begin_backward(self, boundary: bool) -> None:

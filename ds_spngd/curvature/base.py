@@ -33,7 +33,20 @@ from torch.utils.hooks import RemovableHandle
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.linalg import InverseJob
 
-__all__ = ["CaptureContext", "FisherBlock", "PreconditionerDraft", "Traces"]
+__all__ = ["CaptureContext", "FisherBlock", "PreconditionerDraft", "Traces", "full_numel", "full_shape"]
+
+
+def full_shape(p: Tensor) -> torch.Size:
+    """A parameter's logical shape: ``p.shape``, or, for a parameter an engine partitioned in place, the shape it
+    recorded (DeepSpeed ZeRO-3 leaves an empty tensor between forward passes and keeps the shape as ``ds_shape``;
+    read by name, no DeepSpeed import)."""
+    shape = getattr(p, "ds_shape", None)
+    return torch.Size(shape) if shape is not None else p.shape
+
+
+def full_numel(p: Tensor) -> int:
+    """Elements of :func:`full_shape`."""
+    return int(full_shape(p).numel())
 
 Traces = dict[str, Tensor]  # factor name → trace over its real coordinates (0-d fp32), identical on every rank
 

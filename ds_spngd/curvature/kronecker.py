@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft, Traces
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft, Traces, full_shape
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.curvature.side import ChunkedSide, Side, chunks_of, side_factor, side_trace
 from ds_spngd.linalg import InverseJob, pi_from_traces, sym_eigh
@@ -54,8 +54,8 @@ def is_conv1d(module: nn.Module) -> bool:
     """True for Hugging Face ``transformers.pytorch_utils.Conv1D`` (y = x W + b, W: d_in × d_out), recognised
     without importing transformers."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, Tensor) and w.dim() == 2
-            and int(w.shape[1]) == int(getattr(module, "nf", -1)))
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, Tensor)
+            and len(full_shape(w)) == 2 and int(full_shape(w)[1]) == int(getattr(module, "nf", -1)))
 
 
 def kronecker_supported(module: nn.Module) -> str | None:
@@ -132,9 +132,10 @@ class KroneckerBlock(FisherBlock):
         self.transposed = is_conv1d(module)
         w = module.weight
         assert isinstance(w, Tensor)
-        self.d_out = int(w.shape[1] if self.transposed else w.shape[0])
+        shape = full_shape(w)  # (ZeRO 3 with deepspeed.zero.Init: w is empty here)
+        self.d_out = int(shape[1] if self.transposed else shape[0])
         self.has_bias = getattr(module, "bias", None) is not None
-        d_in = (int(w.shape[0]) if self.transposed else int(w[0].numel())) + (1 if self.has_bias else 0)
+        d_in = (int(shape[0]) if self.transposed else int(shape[1:].numel())) + (1 if self.has_bias else 0)
         self.max_factor_dim, self.large_dim_method = max_factor_dim, large_dim_method
         self.a: Side = side_factor(f"{name}.A", d_in, max_factor_dim, large_dim_method,
                                    final_in="forward" if self.is_conv else "backward", device=self._param_device)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft
+from ds_spngd.curvature.base import CaptureContext, FisherBlock, PreconditionerDraft, full_numel
 from ds_spngd.curvature.factor import SymmetricFactor
 from ds_spngd.linalg import damped_inverse_small
 
@@ -70,7 +70,7 @@ class UnitWiseBlock(FisherBlock):
         super().__init__(name, module, ctx)
         w = module.weight
         assert isinstance(w, Tensor)
-        self.units = int(w.numel())
+        self.units = full_numel(w)
         self.k = 2 if getattr(module, "bias", None) is not None else 1
         self.f = SymmetricFactor(f"{name}.F", self.k, blocks=self.units, device=self._param_device)
 

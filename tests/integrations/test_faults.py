@@ -45,6 +45,9 @@ RAISE = {
     "inversion_comm": {**F, **_inj("inversion")},
     "inversion_mem": {**F, **_inj("inversion"), "mode": "mem_opt"},
     "inversion_nan_z2": {**F, **_inj("inversion_nan"), "zero": 2},
+    "factor_z3": {**F, **_inj("factor"), "zero": 3},
+    "grad_z3_mem": {**F, **_inj("grad"), "zero": 3, "mode": "mem_opt"},
+    "inversion_nan_z3": {**F, **_inj("inversion_nan"), "zero": 3},
     "late": {**F, **_inj("late"), "extra": "twice", "bucket_cap_mb": 1e-6},
     "consecutive": {**F, "steps": 8, **_inj("factor", AT, 3), "nonfinite": "skip", "max_consecutive_skips": 2},
 }
@@ -61,6 +64,8 @@ SKIP = {
     "skip_factor_z2_mem": {**F, **_inj("factor", SKIP_AT), "nonfinite": "skip", "zero": 2, "mode": "mem_opt"},
     "skip_grad_mem": {**F, **_inj("grad", SKIP_AT), "nonfinite": "skip", "mode": "mem_opt"},
     "skip_grad_z2": {**F, **_inj("grad", SKIP_AT), "nonfinite": "skip", "zero": 2},
+    "skip_factor_z3": {**F, **_inj("factor", SKIP_AT), "nonfinite": "skip", "zero": 3},
+    "skip_grad_z3_mem": {**F, **_inj("grad", SKIP_AT), "nonfinite": "skip", "zero": 3, "mode": "mem_opt"},
     "skip_inversion": {**F, **_inj("inversion", SKIP_AT), "nonfinite": "skip"},
     "skip_inversion_nan_mem": {**F, **_inj("inversion_nan", SKIP_AT), "nonfinite": "skip", "mode": "mem_opt"},
 }

@@ -1,11 +1,11 @@
-"""ZeRO 2 with ``comm_opt`` on 2 gloo ranks: the blocks' gradients all-gathered from the partitions
-(:mod:`ds_spngd.comm.fragments`) equal the all-reduce of zero-padded fragments, and training with them gives the
-same parameters, bit for bit.
+"""ZeRO 2 and 3 with ``comm_opt`` on 2 gloo ranks: the blocks' gradients all-gathered from the partitions
+(ZeRO 2: :mod:`ds_spngd.comm.fragments`; ZeRO 3: each parameter's equal pieces) equal the all-reduce of zero-padded
+fragments, and training with them gives the same parameters, bit for bit.
 
 The model is train_lm.py's GPT in miniature (tied embedding / head, RMSNorm, fused qkv), fp32 and bf16. Each rank
-runs this file as a script (``python test_zero_gather.py OUT PRECISION``): two engines from the same weights and data,
-one with the all-gather and one forced to the all-reduce (its layout set to "not applicable"); every call of
-``block_grads`` on the first also runs the all-reduce and compares.
+runs this file as a script (``python test_zero_gather.py OUT PRECISION STAGE``): two engines from the same weights and
+data, one with the all-gather and one forced to the all-reduce (``PartitionedGradients.gather = False``); every call
+of ``block_grads`` on the first also runs the all-reduce and compares.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.support.harness import free_port, rank_env, remove_shm_buffers, run_p
 STEPS = 5
 
 
-def _engine(bf16: bool) -> tuple[Any, Any]:
+def _engine(bf16: bool, stage: int) -> tuple[Any, Any]:
     import torch
 
     import ds_spngd
@@ -32,14 +32,15 @@ def _engine(bf16: bool) -> tuple[Any, Any]:
     model = build_lm("gpt", 40, 2, 2, 16, 8)
     cfg: dict[str, Any] = {
         "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9,
+        "bf16": {"enabled": bf16},
         "optimizer": {"type": "SPNGD", "params": {"lr": 0.05, "momentum": 0.9, "damping": 0.1, "kl_clip": 0.01,
                                                   "factor_update_steps": 2, "inv_update_steps": 2}}}
     engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
     return engine, ds_spngd.get_spngd(engine)
 
 
-def _worker(out: Path, precision: str) -> None:
+def _worker(out: Path, precision: str, stage: int) -> None:
     import deepspeed
     import torch
     import torch.nn.functional as F
@@ -49,22 +50,35 @@ def _worker(out: Path, precision: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    engines = [_engine(precision == "bf16") for _ in range(2)]
+    engines = [_engine(precision == "bf16", stage) for _ in range(2)]
     gathered, reduced = engines[0][1].grads, engines[1][1].grads
-    reduced._layout = (engines[1][1].group, None)  # the all-reduce, for reference
+    reduced.gather = False  # the all-reduce, for reference
+    import ds_spngd.integrations.deepspeed.zero as zero
+
+    gather_calls = [0]
+    gather_flats = zero.gather_flats
+
+    def counted(*a: Any, **k: Any) -> Any:
+        gather_calls[0] += 1
+        return gather_flats(*a, **k)
+
+    zero.gather_flats = counted  # type: ignore[assignment]
     checks: list[dict[str, Any]] = []
     plain = gathered.block_grads
 
     def compared(ids: Any, owners: Any, group: Any) -> Any:
+        before = gather_calls[0]
         got, sent = plain(ids, owners, group)
-        layout, gathered._layout = gathered._layout, (group, None)
+        via_gather = gather_calls[0] > before
+        gathered.gather = False
         try:
             want, sent_ref = plain(ids, owners, group)
         finally:
-            gathered._layout = layout
+            gathered.gather = True
         same = got.keys() == want.keys() and all(torch.equal(a, b) for i in got
                                                  for a, b in zip(got[i], want[i], strict=True))
-        checks.append({"blocks": len(got), "same": same, "sent": sent, "sent_allreduce": sent_ref})
+        checks.append({"blocks": len(got), "same": same, "sent": sent, "sent_allreduce": sent_ref,
+                       "via_gather": via_gather})
         return got, sent
 
     gathered.block_grads = compared
@@ -76,21 +90,22 @@ def _worker(out: Path, precision: str) -> None:
             loss = F.cross_entropy(engine(x).float().reshape(-1, 40), y.reshape(-1))
             engine.backward(loss)
             engine.step()
-    params = [[p.detach().float() for p in e.module.parameters()] for e, _ in engines]
+    params = []
+    for e, _ in engines:
+        with deepspeed.zero.GatheredParameters(list(e.module.parameters()), enabled=stage == 3):
+            params.append([p.detach().float().clone() for p in e.module.parameters()])
     same_params = all(torch.equal(a, b) for a, b in zip(*params, strict=True))
-    layout = gathered._layout[1] if gathered._layout is not None else None
-    covered = layout is not None and all((i, k) in layout.offsets for i, b in enumerate(engines[0][1].blocks)
-                                         for k in range(len(b.params)))
+    covered = all(c["via_gather"] for c in checks if c["blocks"])  # the all-gather really ran (every block)
     (out / f"rank{rank}.json").write_text(json.dumps({"checks": checks, "same_params": same_params,
                                                       "covered": covered, "steps": engines[0][1].steps}))
     teardown()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gathered_gradients_equal_the_all_reduce(tmp_path: Path, precision: str) -> None:
+@pytest.mark.parametrize(("precision", "stage"), [("fp32", 2), ("bf16", 2), ("fp32", 3), ("bf16", 3)])
+def test_gathered_gradients_equal_the_all_reduce(tmp_path: Path, precision: str, stage: int) -> None:
     port = free_port()
     try:
-        results = run_procs([[sys.executable, __file__, str(tmp_path), precision]] * 2,
+        results = run_procs([[sys.executable, __file__, str(tmp_path), precision, str(stage)]] * 2,
                             [rank_env(r, 2, port) for r in range(2)], 300.0, tmp_path / "logs")
     finally:
         remove_shm_buffers(port)
@@ -106,4 +121,4 @@ def test_gathered_gradients_equal_the_all_reduce(tmp_path: Path, precision: str)
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), sys.argv[2])
+    _worker(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -53,6 +53,7 @@ DEFAULTS = {
     "polar_momentum": 0.95,
     "polar_nesterov": True,
     "polar_steps": 5,
+    "min_preconditioned_fraction": 0.5,
 }
 
 # a valid non-default value for every public key
@@ -90,6 +91,7 @@ VALID = {
     "polar_momentum": 0.9,
     "polar_nesterov": False,
     "polar_steps": 3,
+    "min_preconditioned_fraction": 0.1,
 }
 
 # (key, value of a wrong type)
@@ -141,6 +143,8 @@ WRONG_TYPE = [
     ("polar_nesterov", "yes please"),
     ("polar_steps", 2.5),
     ("polar_steps", True),
+    ("min_preconditioned_fraction", "half"),
+    ("min_preconditioned_fraction", True),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -186,6 +190,8 @@ OUT_OF_RANGE = [
     ("polar_nesterov", 2),
     ("polar_steps", 0),
     ("polar_steps", 21),
+    ("min_preconditioned_fraction", -0.1),
+    ("min_preconditioned_fraction", 1.5),
 ]
 
 
@@ -261,7 +267,7 @@ def test_boundary_values_accepted() -> None:
 def test_unknown_key_named() -> None:
     with pytest.raises(SPNGDConfigError) as err:
         parse_spngd_params({"lr": 0.1, "dampening": 0.1})
-    assert "optimizer.params.dampening" in str(err.value)
+    assert "optimizer.params.dampening: unknown key; did you mean 'damping'?" in str(err.value)
 
 
 def test_several_bad_keys_all_named() -> None:
@@ -377,13 +383,15 @@ def test_initialize_rejects_bad_params_before_deepspeed(monkeypatch: pytest.Monk
     assert not _has_hooks(model), "SP-NGD hooks were installed although the config was rejected"
 
 
-def test_initialize_rejects_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_initialize_rejects_an_unknown_zero_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages 0-3 are supported (ZeRO 3: tests/integrations/test_param_groups.py, test_distributed.py); 4 is none."""
     _forbid_deepspeed(monkeypatch)
     model = _tiny_model()
-    cfg = {**_ds_config(), "zero_optimization": {"stage": 3}}
+    cfg = {**_ds_config(), "zero_optimization": {"stage": 4}}
     with pytest.raises(SPNGDConfigError) as err:
         ds_spngd.initialize(model=model, config=cfg)
-    assert "zero_optimization.stage=3" in str(err.value) and "1 or 2" in str(err.value)
+    assert "zero_optimization.stage=4" in str(err.value) and "0, 1, 2 or 3" in str(err.value)
+    assert not _has_hooks(model)
     assert not _has_hooks(model)
 
 

@@ -6,10 +6,12 @@ Modules:
   ``get_spngd``, ``load_ds_config``, ``memory_report``;
 * :mod:`.engine` — the engine seam: ``attach`` (forward / backward / step, overflow skips, monitor events);
 * :mod:`.checkpoint` — SP-NGD's per-rank shards next to DeepSpeed's checkpoint files;
-* :mod:`.zero` — gradients of ZeRO 1/2 partitions, their write-back and optimizer-state re-link;
+* :mod:`.zero` — gradients of ZeRO 1/2/3 partitions (:mod:`.zero_layout`: where each parameter's piece lies;
+  :mod:`.zero_steps`: DeepSpeed's one-partition-per-call steps made one), their write-back and state re-link;
 * :mod:`.construction` — the client optimizer's step is a no-op while DeepSpeed builds its wrappers (both routes);
 * :mod:`.noise_scale` — gradient noise scale around DeepSpeed's all-reduce;
 * :mod:`.first_order` — LARS / Lamb client optimizers;
+* :mod:`.schedulers` — the ``AdaptiveWarmup`` scheduler section (built as ``lr_scheduler=``, fed the agreed loss);
 * :mod:`.ds_config` — the few JSON fields the glue decides on;
 * :mod:`.patches` — every patch of a DeepSpeed object and every DeepSpeed internal the glue reads, with the DeepSpeed
   lines each relies on and a probe (``tests/integrations/test_patches.py``).

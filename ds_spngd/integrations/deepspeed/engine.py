@@ -3,9 +3,9 @@
 
 What it glues, and through which seam:
 
-* data-parallel group, ZeRO 1/2 partitions and gradient accumulation: read from the engine's public API
+* data-parallel group, ZeRO 1/2/3 partitions and gradient accumulation: read from the engine's public API
   (``data_parallel_group``, ``gradient_accumulation_steps()``) and handed to ``spngd.setup_distributed`` /
-  ``set_gradient_accumulation_steps``; under ZeRO 1/2 the write-back and the optimizer-state re-link of
+  ``set_gradient_accumulation_steps``; under ZeRO 1/2/3 the write-back (and at 1/2 the optimizer-state re-link) of
   :mod:`.zero`;
 * fp16: SP-NGD's hooks divide by the ZeRO wrapper's current ``loss_scale``;
 * forward time (``SPNGD/forward_s``): torch forward hooks on the engine, which is a ``torch.nn.Module`` (a seam: no
@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from ds_spngd.integrations.deepspeed.checkpoint import attach_checkpoint
-from ds_spngd.integrations.deepspeed.zero import PartitionedGradients, StateLinks, glue_zero_partitions, is_partitioned
+from ds_spngd.integrations.deepspeed.zero import StateLinks, glue_zero_partitions, partitioned_gradients
 from ds_spngd.optimizer import SPNGD
 
 __all__ = ["attach"]
@@ -41,8 +41,8 @@ Times = dict[str, float]
 def attach(engine: Any, spngd: SPNGD, fp16: bool = False) -> None:
     """Glue an SP-NGD optimizer to a DeepSpeed engine built with it (see the module docstring)."""
     spngd.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
-    partitioned = is_partitioned(spngd.model_parameters)  # every parameter: with no Fisher block at all, too
-    grads = PartitionedGradients(spngd, spngd.blocks) if partitioned else None
+    # every parameter: with no Fisher block at all, too
+    grads = partitioned_gradients(getattr(engine, "optimizer", None), spngd, spngd.blocks, spngd.model_parameters)
     spngd.setup_distributed(getattr(engine, "data_parallel_group", None), grads)
     links = glue_zero_partitions(getattr(engine, "optimizer", None), spngd, grads)
     if fp16:
@@ -129,7 +129,7 @@ def _report_skips_as_overflow(engine: Any, spngd: SPNGD) -> None:
     ``skipped_steps`` and holds the LR scheduler when ``engine.optimizer.overflow`` is true after the step. At stage
     0 fp32 the engine's optimizer is SP-NGD itself (its ``overflow``); DeepSpeed's wrappers (ZeRO, bf16/fp16) reset
     their own ``overflow`` at the start of their step, so torch step hooks on SP-NGD set it after SP-NGD's step (under
-    ZeRO 1/2 with several groups: after each group's call; SP-NGD's step runs on the last one)."""
+    ZeRO 1/2/3 with several groups / sub-groups: after each call; SP-NGD's step runs on the last one)."""
     wrapper = getattr(engine, "optimizer", None)
     if wrapper is spngd or wrapper is None:
         return

@@ -45,6 +45,8 @@ _UNFUSED = "deepspeed.runtime.fp16.unfused_optimizer"
 _FUSED = "deepspeed.runtime.fp16.fused_optimizer"
 _FRAGMENT = "deepspeed.utils.tensor_fragment"
 _LINKAGE = "deepspeed.utils.mixed_precision_linkage"
+_STAGE3 = "deepspeed.runtime.zero.stage3"
+_PARTITION = "deepspeed.runtime.zero.partition_parameters"
 
 
 def _norm(text: str) -> str:
@@ -212,9 +214,14 @@ PATCHES: tuple[Patch, ...] = (
            Anchor(_ENGINE, "DeepSpeedEngine.save_checkpoint", 'tag = f"global_step{self.global_steps}"',
                   line=4903))),
     Patch("engine.load_checkpoint", "wraps", "load_checkpoint", "checkpoint.attach_checkpoint",
-          "every rank reads all SP-NGD shards of the loaded tag (found from the returned load_path); no load callback",
+          "every rank checks and reads all SP-NGD shards of the tag before DeepSpeed loads anything, resolving "
+          "tag=None as DeepSpeed does (the latest / latest_universal file); no load callback",
           (Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint", line=4395, params=("load_dir", "tag",
                                                                                    "load_optimizer_states")),
+           Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint",
+                  'latest_tag = "latest_universal" if self.load_universal_checkpoint() else "latest"', line=4428),
+           Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint", "latest_path = os.path.join(load_dir, latest_tag)",
+                  line=4429),
            Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint", "return load_path, client_states", line=4490))),
     Patch("engine.allreduce_gradients", "wraps", "allreduce_gradients", "noise_scale.attach_noise_scale",
           "the gradient noise scale needs the gradient norm just before and just after DeepSpeed's stage-0 "
@@ -284,12 +291,58 @@ PATCHES: tuple[Patch, ...] = (
            Anchor(_ZERO, "DeepSpeedZeroOptimizer.step", "self._optimizer_step(i)", line=3139),
            Anchor(_ZERO, "DeepSpeedZeroOptimizer.step", "self.single_partition_of_fp32_groups[i].grad = None",
                   line=3141))),
+    Patch("wrapper._optimizer_step (ZeRO 3)", "relies", "_optimizer_step", "zero_steps.FlatByFlat",
+          "ZeRO 3 calls step() once per sub-group, in order, every group kept with params [] except the current "
+          "sub-group's group, which holds its flat fp32 partition; SP-NGD defers its whole step to the last call",
+          (Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3._optimizer_step",
+                  "self.optimizer.param_groups[param_group_id]['params'] = [fp32_param]", line=1260),
+           Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3._optimizer_step",
+                  "self.optimizer.param_groups[param_group_id]['params'] = []", line=1262),
+           Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3.step", "self._optimizer_step(sub_group_id)", line=2921))),
+    Patch("wrapper._reassign_or_swap_out_partitioned_parameters", "reads",
+          "_reassign_or_swap_out_partitioned_parameters", "zero.glue_zero_partitions",
+          "ZeRO 3 write-back: DeepSpeed's own copy of sub-group s's fp32 partition into the low-precision partition "
+          "(and the parameters' views of it), redone for the sub-groups stepped before the last one",
+          (Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3.step",
+                  "self._reassign_or_swap_out_partitioned_parameters(sub_group_id)", line=2924),
+           Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",
+                  "self.fp16_partitioned_groups_flat[sub_group_id].data.copy_(", line=2858))),
+    Patch("wrapper.fp32_partitioned_groups_flat", "reads", "fp32_partitioned_groups_flat", "zero_layout.stage3_layout",
+          "ZeRO 3: this rank's flat fp32 partition of every sub-group, the tensors step() is called with",
+          (Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3.__init__", "self.fp32_partitioned_groups_flat = []",
+                  line=416),)),
+    Patch("wrapper.sub_group_to_group_id", "reads", "sub_group_to_group_id", "zero_layout.stage3_layout",
+          "ZeRO 3: which parameter group holds each sub-group",
+          (Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3._create_fp16_partitions_with_defragmentation",
+                  "self.sub_group_to_group_id[sub_group_idx] = fp16_param_groups[param_group_idx].get(", line=953),)),
+    Patch("wrapper.grad_position", "reads", "grad_position", "zero_layout.stage3_layout",
+          "ZeRO 3: [sub-group, offset in its flat partition, partition numel] per parameter id (get_param_id)",
+          (Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3.set_grad_positions",
+                  "self.grad_position[param_id] = [int(i), int(current_offset), int(num_elements)]", line=1955),
+           Anchor(_STAGE3, "DeepSpeedZeroOptimizer_Stage3.get_param_id", line=1565, params=("param",)))),
+    Patch("param.ds_tensor / ds_shape / ds_numel", "reads", "ds_tensor", "zero_layout.stage3_layout",
+          "ZeRO 3: a parameter's full shape and element count, and its equal pieces: rank r holds elements "
+          "[r·n, min((r+1)·n, ds_numel)) of the flattened parameter, n = ds_tensor.ds_numel; the curvature blocks "
+          "read ds_shape by name (curvature.base.full_shape) for models built inside deepspeed.zero.Init",
+          (Anchor(_PARTITION, "Init._convert_to_deepspeed_param", "param.ds_shape = param.shape", line=1279),
+           Anchor(_PARTITION, "Init._convert_to_deepspeed_param", "param.ds_numel = param.numel()", line=1282),
+           Anchor(_PARTITION, "AllGatherCoalescedHandle.wait", "param_start = rank * ds_tensor_numel", line=789))),
     Patch("wrapper.get_grads_for_reduction", "reads", "get_grads_for_reduction", "noise_scale._gradients",
           "under DeepSpeed's BF16_Optimizer the tensors the all-reduce averages are its fp32 accumulation buffers, "
           "which the engine itself fetches this way",
           (Anchor(_BF16, "BF16_Optimizer.get_grads_for_reduction", line=541),
            Anchor(_ENGINE, "DeepSpeedEngine.buffered_allreduce_fallback",
                   'if hasattr(self.optimizer, "get_grads_for_reduction"):', line=3923))),
+    Patch("engine.lr_scheduler (AdaptiveWarmup)", "relies", "lr_scheduler", "schedulers.initialize_with_scheduler",
+          "AdaptiveWarmup goes in as a callable lr_scheduler=, which DeepSpeed builds on basic_optimizer and steps "
+          "inside engine.step() after the optimizer step, not on skipped (overflow) steps; the glue observes the "
+          "step's all-reduced loss in its engine.step wrapper before that (also wrapping engine.backward, listed "
+          "above): DeepSpeed has no scheduler registry and never shows a scheduler the loss",
+          (Anchor(_ENGINE, "DeepSpeedEngine._configure_lr_scheduler",
+                  "self.lr_scheduler = self.client_lr_scheduler(self.basic_optimizer)", line=1887),
+           Anchor(_ENGINE, "DeepSpeedEngine._take_model_step", "self.lr_scheduler.step(**(lr_kwargs or {}))",
+                  line=3545),
+           _TAKE_STEP_OVERFLOW)),
 )
 
 

@@ -59,7 +59,9 @@ class Case:
         damping: SP-NGD's ``damping``.
         skip: SP-NGD's ``skip_modules`` (module names, e.g. "0", "3").
         fisher_type: SP-NGD's ``fisher_type``.
-        zero: the ZeRO stage.
+        zero: the ZeRO stage (at 3 every parameter is partitioned: ``stage3_param_persistence_threshold`` 0).
+        sub_group_size: ZeRO 3's ``sub_group_size`` (elements per flat partition a step() call gets), when given.
+        zero_init: build the model inside ``deepspeed.zero.Init`` (ZeRO 3): parameters partitioned as created.
         mode: SP-NGD's ``precondition_mode``.
         comm_dtype: SP-NGD's ``comm_dtype``.
         overlap: SP-NGD's ``overlap_comm``.
@@ -93,6 +95,8 @@ class Case:
     skip: tuple[str, ...] = ()
     fisher_type: str = "emp"
     zero: int = 0
+    sub_group_size: int | None = None
+    zero_init: bool = False
     mode: str = "comm_opt"
     comm_dtype: str = "fp32"
     overlap: bool = True

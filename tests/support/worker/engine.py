@@ -32,6 +32,10 @@ def ds_config(case: Case, world: int) -> dict[str, Any]:
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.2,
                                                       "warmup_num_steps": 4, "warmup_type": "linear"}},
     }
+    if case.zero == 3:  # partition every parameter (DeepSpeed keeps ones under 1e5 elements whole by default)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        if case.sub_group_size is not None:
+            config["zero_optimization"]["sub_group_size"] = case.sub_group_size
     if case.bf16:
         config["bf16"] = {"enabled": True}
     if case.grad_accum_fp32:
@@ -43,7 +47,13 @@ def ds_config(case: Case, world: int) -> dict[str, Any]:
 
 def build(case: Case, world: int, rank: int = 0) -> tuple[Any, nn.Module]:
     """A fresh (engine, model) for ``case`` on ``rank`` of ``world`` (the model seeded, as after a restart)."""
-    model = make_model(case, rank)
+    if case.zero_init:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(case, world)):
+            model = make_model(case, rank)
+    else:
+        model = make_model(case, rank)
     params = param_groups(model, case.groups) if case.groups else model.parameters()
     engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=params, config=ds_config(case, world))
     return engine, model

@@ -58,8 +58,8 @@ def param_groups(model: nn.Module, groups: str) -> list[dict[str, Any]]:
     no-decay group (their biases and the LayerNorm, weight_decay 0), so each block's weight and bias sit in different
     groups; "lr" — the same split with the no-decay group at its own lr 0.05 and momentum 0.5, the decay group at lr
     0.1 (no scheduler then: WarmupLR would set every group's lr alike)."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) > 1]
+    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) <= 1]
     if groups == "wd":
         return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     return [{"params": decay, "weight_decay": 1e-3, "lr": 0.1},

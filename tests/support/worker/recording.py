@@ -84,7 +84,14 @@ def new_record() -> RankRecord:
 
 
 def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([q.detach().float().reshape(-1) for q in model.parameters()])
+    """The model's parameters, flattened (under ZeRO 3 gathered first: a collective every rank reaches)."""
+    params = list(model.parameters())
+    if any(hasattr(q, "ds_tensor") for q in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([q.detach().float().reshape(-1).clone() for q in params])
+    return torch.cat([q.detach().float().reshape(-1) for q in params])
 
 
 def record_step(out: RankRecord, engine: Any, model: nn.Module, loss: float) -> None:
@@ -108,13 +115,13 @@ def record_error(out: RankRecord, err: BaseException, step: int, model: nn.Modul
     """The error a step raised (every rank must stop the same way; the case stops there)."""
     out["error"] = {"step": step, "type": type(err).__name__, "message": str(err), "time": time.time(),
                     "trace": traceback.format_exc()[-3000:],
-                    "params": torch.cat([q.detach().float().reshape(-1).cpu() for q in model.parameters()])}
+                    "params": _flat_params(model).cpu()}  # ZeRO 3: a gather every rank reaches (they failed alike)
 
 
 def momentum(engine: Any, model: nn.Module, case: Case) -> dict[str, torch.Tensor]:
     """Each model parameter's momentum buffer by name (fp32, full shape; a collective under ZeRO: every rank calls),
-    read with DeepSpeed's ``safe_get_full_optimizer_state`` under ZeRO 1/2."""
-    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):  # ZeRO 1/2: DeepSpeed's optimizer-state fragments
+    read with DeepSpeed's ``safe_get_full_optimizer_state`` under ZeRO 1/2/3."""
+    if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_tensor") for p in model.parameters()):  # ZeRO's fragments
         return {n: deepspeed.utils.safe_get_full_optimizer_state(p, "momentum_buffer").clone()
                 for n, p in model.named_parameters()}
     assert case.groups is not None
