@@ -15,7 +15,9 @@ evaluated every ``--eval-interval`` optimizer steps (default: once per epoch) an
 evaluation time is excluded from the reported training wall time. Rank 0 writes ``steps.csv`` and ``result.json`` to
 ``--out-dir`` and prints a result table (with the final gradient noise scale ``noise_scale_B_simple``, and
 ``noise_scale_B_simple_at_target`` at the evaluation that first reached ``--target-acc``, when the config's
-``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.integrations.deepspeed.noise_scale`). With DeepSpeed's
+``"gradient_noise_scale"`` section enables it, :mod:`ds_spngd.integrations.deepspeed.noise_scale`). The config's
+``"adversarial"`` section trains on clean + adversarial (FGSM/PGD in normalised-pixel space) examples, plain or
+ConAdv (:mod:`ds_spngd_lab.adversarial`). With DeepSpeed's
 ``wandb`` monitor section, rank 0 also writes the run settings and resolved JSON to the W&B run's config, logs
 ``Train/loss``, ``Train/lr`` and ``Train/step`` every step, and finishes the W&B run (DeepSpeed never does) with the
 result as its summary.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import ds_spngd
+from ds_spngd_lab.adversarial import AdversarialStep, AdversarialTask, parse_adversarial
 from ds_spngd_lab.data.fashion_mnist import load_fashion_mnist
 from ds_spngd_lab.data.image_folder import BatchSource, discover, load_image_folder
 from ds_spngd_lab.data.mnist import IMAGE_SHAPE, NUM_CLASSES, MnistSplits, load_mnist
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     n_train, make_sources, num_classes, in_channels, image_size = open_data(args)
     spe = steps_per_epoch(n_train, global_batch)
     config = resolve_config(raw, global_batch, spe, args.epochs, world_size=world)
+    adv_cfg = parse_adversarial(config)  # before anything is built: a bad section fails fast, naming the key
     global_batch, micro, gas = batch_layout(config, world)
     train_src, test_src = make_sources(BatchPlan(rank=rank, world=world, micro_batch=micro, gas=gas, seed=args.seed))
     spe = train_src.steps_per_epoch
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> RunResult:
     suffix = f"_{args.dataset}" if args.dataset not in (None, "mnist") else ""
     out_dir = Path(args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}{suffix}")
     settings = run_settings(args, config, config_path, engine, world, (global_batch, micro, gas), spe, dtype)
+    if adv_cfg.enabled:
+        settings["adversarial"] = adv_cfg.describe()
     wandb_run = active_wandb_run() if rank == 0 else None  # opened by the JSON's "wandb" monitor section
     if wandb_run is not None:
         wandb_run.config.update({**settings, "epochs": args.epochs, "target_acc": args.target_acc,
@@ -187,11 +193,19 @@ def main(argv: list[str] | None = None) -> RunResult:
 
     recent: deque[torch.Tensor] = deque(maxlen=args.bn_recalib_batches)  # inputs for --bn-recalib-batches
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def prepare(x: torch.Tensor) -> torch.Tensor:
         x = x.to(engine.device, dtype=dtype)
         if args.bn_recalib_batches:
             recent.append(x)
-        return F.cross_entropy(engine(x), y.to(engine.device))
+        return x
+
+    def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y.to(engine.device))
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return criterion(engine(prepare(x)), y)
+
+    adversarial = AdversarialStep(adv_cfg, engine, AdversarialTask(prepare, criterion)) if adv_cfg.enabled else None
 
     noise_at_target: list[float | None] = []  # B_simple when the target was first reached (the final one can be ~0/0)
     plan = LoopPlan(total_steps=total_steps, steps_per_epoch=spe, global_batch=global_batch, micro_batches=gas,
@@ -199,7 +213,8 @@ def main(argv: list[str] | None = None) -> RunResult:
                     stop_at_target=args.stop_at_target)  # fmt: skip
     loop = TrainingLoop(engine, plan, TOP1, forward_loss, lambda: top1_accuracy(engine, test_src, dtype, world, recent),
                         rank=rank, world=world, skips_nonfinite=skips_nonfinite,
-                        on_target=lambda _: noise_at_target.append(ds_spngd.noise_scale_stats(engine).get("B_simple")))
+                        on_target=lambda _: noise_at_target.append(ds_spngd.noise_scale_stats(engine).get("B_simple")),
+                        adversarial=adversarial)
     out = loop.run(train_src, out_dir / "steps.csv")
 
     reached = out.reached

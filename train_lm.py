@@ -22,7 +22,10 @@ DeepSpeed's ``"Muon"`` it also sets ``muon_lr`` (the LR of the orthogonalized â‰
 there), and ``--adam-lr`` sets ``adam_lr`` (the LR of Muon's AdamW half: embeddings, head, norms; Muon only). With the
 JSON's ``"gradient_noise_scale"`` section (ZeRO stage 0, 2+ ranks) ``result.json`` also holds the final B_simple
 (``noise_scale_B_simple``) and its value at the evaluation that first reached ``--target-loss``
-(``noise_scale_B_simple_at_target``; :mod:`ds_spngd.integrations.deepspeed.noise_scale`). Rank 0 writes
+(``noise_scale_B_simple_at_target``; :mod:`ds_spngd.integrations.deepspeed.noise_scale`). The JSON's
+``"adversarial"`` section trains on clean + adversarial examples, plain or ConAdv (:mod:`ds_spngd_lab.adversarial`),
+with the perturbation added to the token embedding's output (``site`` defaults to :data:`EMBED_SITES` of the
+model). Rank 0 writes
 ``steps.csv`` (step, samples = sequences, train loss, lr, wall time) and ``result.json`` (validation curve, per-step
 times, peak RSS of every rank) to ``--out-dir`` and prints a result table.
 
@@ -47,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ds_spngd
+from ds_spngd_lab.adversarial import AdversarialConfig, AdversarialStep, AdversarialTask, parse_adversarial
 from ds_spngd_lab.data.sampler import BatchPlan
 from ds_spngd_lab.data.text import EvalWindows, TextData, TokenWindows, load_text_data
 from ds_spngd_lab.evaluation import validation_loss
@@ -66,6 +70,7 @@ from ds_spngd_lab.results import LMResult, format_lm_table
 from ds_spngd_lab.schedules.scaling import batch_layout, resolve_config
 
 STEP_KEYS = ("total_num_steps", "total_iters")
+EMBED_SITES = {"gpt": "tok_embed", "hf-gpt2": "transformer.wte"}  # token embedding: the adversarial site
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,6 +163,20 @@ def schedule_config(raw: dict[str, Any], args: argparse.Namespace, total_steps: 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def lm_adversarial(cfg: AdversarialConfig, model: str, engine: Any, vocab: int) -> AdversarialStep | None:
+    """The adversarial step of an enabled section (None otherwise): perturbation of the token embedding's output
+    (``site`` or the model's :data:`EMBED_SITES` entry), loss = mean token cross-entropy (fp32 logits)."""
+    if not cfg.enabled:
+        return None
+    if cfg.site is None:
+        cfg = cfg.model_copy(update={"site": EMBED_SITES[model]})
+
+    def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, vocab), y.to(engine.device).reshape(-1), ignore_index=-100)
+
+    return AdversarialStep(cfg, engine, AdversarialTask(lambda x: x.to(engine.device), criterion, lm_logits))
+
+
 def build_engine_for(args: argparse.Namespace, vocab: int, config: dict[str, Any]) -> tuple[Any, bool, int, bool]:
     """Seed, build ``--model`` and its DeepSpeed engine with decay / no-decay parameter groups (one group with
     ``--param-groups single`` or an explicit JSON weight decay of 0).
@@ -191,8 +210,10 @@ def main(argv: list[str] | None = None) -> LMResult:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     config = resolve_config(schedule_config(raw, args, total_steps), global_batch, spe, total_steps / spe, world)
+    adv_cfg = parse_adversarial(config)  # before anything is built: a bad section fails fast, naming the key
     vocab = data.vocab_size
     engine, skips_nonfinite, n_params, single = build_engine_for(args, vocab, config)
+    adversarial = lm_adversarial(adv_cfg, args.model, engine, vocab)
 
     out_dir = Path(args.out_dir or f"runs/{config_path.stem}_{args.model}_b{global_batch}_w{world}")
     zero = int((config.get("zero_optimization") or {}).get("stage", 0))
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> LMResult:
                 "warmup_steps": config.get("scheduler", {}).get("params", {}).get("warmup_num_steps")}  # fmt: skip
     if "adam_lr" in opt_params:
         settings["adam_lr"] = opt_params["adam_lr"]
+    if adversarial is not None:
+        settings["adversarial"] = adversarial.cfg.describe()
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_logits(engine(x.to(engine.device)))
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> LMResult:
     loop = TrainingLoop(engine, loop_plan, VAL_LOSS, forward_loss,
                         lambda: validation_loss(engine, eval_src, rank, world, args.eval_batch),
                         rank=rank, world=world, skips_nonfinite=skips_nonfinite,
-                        on_target=lambda _: noise_at_target.append(ds_spngd.noise_scale_stats(engine).get("B_simple")))
+                        on_target=lambda _: noise_at_target.append(ds_spngd.noise_scale_stats(engine).get("B_simple")),
+                        adversarial=adversarial)
     out = loop.run(train_src, out_dir / "steps.csv")
 
     step, reached = out.steps, out.reached

@@ -6,14 +6,15 @@ Usage::
 
     python benchmarks/comm_modes.py [--model cnn4] [--micro-batch 128] [--ranks 2] [--windows 5] [--bf16]
     python benchmarks/comm_modes.py --model resnet18 --image-size 224 [--micro-batch 8] [--windows 3]
-        [--warmup-steps 2] [--project-world 64]
+        [--warmup-steps 2] [--project-world 64] [--async-inverse]
 
 Input: MNIST-shaped (1×28×28, 10 classes) unless ``--image-size S`` is given, which gives ``resnet18`` /
 ``resnet50`` ImageNet-shaped synthetic input (3×S×S, 1000 classes; defaults then micro-batch 8, 3 windows, 2
 warm-up steps per engine).
 
 Every rank builds four engines on the same model and data — DeepSpeed's SGD (``ds_configs/sgd.json``'s params),
-SP-NGD ``comm_opt``, ``mem_opt`` and ``reduce_scatter`` (``ds_configs/spngd.json``'s params otherwise) — and times
+SP-NGD ``comm_opt``, ``mem_opt`` and ``reduce_scatter`` (``ds_configs/spngd.json``'s params otherwise; with
+``--async-inverse`` also ``comm_opt+async`` and ``mem_opt+async``: ``async_inverse`` on, measured only) — and times
 windows of whole refresh/inversion periods (lcm of factor_update_steps and inv_update_steps steps, so a window holds
 its share of refreshes and inversions), alternating the engines window by window to cancel machine drift. Every
 ``torch.distributed`` collective of the timed windows is logged (:mod:`ds_spngd.comm.wire`: SP-NGD's and
@@ -61,6 +62,12 @@ from ds_spngd_lab.models import build_model
 from ds_spngd_lab.ranks import worker_or_launch
 
 ENGINES = ("sgd", "comm_opt", "mem_opt", "reduce_scatter")
+ASYNC_ENGINES = ("comm_opt+async", "mem_opt+async")  # --async-inverse: the same modes with async_inverse on
+
+
+def engines(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engines of this run: SGD and the three modes, plus their async_inverse twins with ``--async-inverse``."""
+    return ENGINES + (ASYNC_ENGINES if args.async_inverse else ())
 IMAGENET_MODELS = ("resnet18", "resnet50")
 COMM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -81,7 +88,9 @@ def ds_config(args: argparse.Namespace, kind: str, world: int) -> dict[str, Any]
                             ["params"]}
     else:
         params = json.loads(Path(args.config).read_text())["optimizer"]["params"]
-        cfg["optimizer"] = {"type": "SPNGD", "params": {**params, "precondition_mode": kind}}
+        mode, _, extra = kind.partition("+")
+        cfg["optimizer"] = {"type": "SPNGD", "params": {**params, "precondition_mode": mode,
+                                                         **({"async_inverse": True} if extra == "async" else {})}}
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -125,7 +134,7 @@ def build_runs(args: argparse.Namespace, world: int) -> tuple[list[dict[str, Any
     channels, side, classes = input_spec(args)
     runs: list[dict[str, Any]] = []
     period = 1
-    for kind in ENGINES:
+    for kind in engines(args):
         torch.manual_seed(0)
         model = build_model(args.model, classes, channels, image_size=side)
         engine, _, _, _ = ds_spngd.initialize(model=model, model_parameters=model.parameters(),
@@ -201,7 +210,7 @@ def measured_table(args: argparse.Namespace, ranks: list[dict[str, Any]]) -> dic
     print("|---|---|---|---|---|---|---|---|")
     base: dict[str, float] = {}
     times: dict[str, float] = {}
-    for kind in ENGINES:
+    for kind in engines(args):
         t = max(statistics.median(r[kind]["times"]) for r in ranks)
         times[kind] = t
         payload = statistics.median(ranks[0][kind]["payload"])
@@ -274,6 +283,8 @@ def parse_args() -> argparse.Namespace:
                     help="unmeasured steps per engine first (default one window; 2 with --image-size)")
     ap.add_argument("--project-world", type=int, default=64, help="world size of the time model's projection")
     ap.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 for every engine")
+    ap.add_argument("--async-inverse", action="store_true",
+                    help="also time comm_opt and mem_opt with async_inverse on (measured table only)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     imagenet = args.image_size is not None

@@ -3,7 +3,8 @@
 Usage (from the repository root, inside the virtualenv)::
 
     python benchmarks/step_phases.py [--vocabs 85 8192] [--windows 8] [--warmup 1] [--ranks 2]
-        [--optimizers sgd adamw spngd] [--spngd-config JSON] [--adamw-config JSON] [--json OUT.json] [--profile N]
+        [--optimizers sgd adamw spngd spngd_async] [--spngd-config JSON] [--adamw-config JSON] [--json OUT.json]
+        [--profile N]
 
 The model is train_lm.py's plain GPT (:mod:`ds_spngd_lab.models.gpt`: 4 layers × 128, 4 heads, RMSNorm, tied
 ``lm_head``, context 64) for each ``--vocabs`` size (85: the char-level vocabulary; 8192: the BPE one) on random token
@@ -60,6 +61,7 @@ GLOBAL_BATCH, CONTEXT, N_LAYER, N_HEAD, N_EMBD = 32, 64, 4, 4, 128
 PHASES = ("forward", "backward", "hooks", "factor comm", "inversion", "precondition", "update", "DeepSpeed")
 DETAIL = {"precondition": "grad gather", "update": "agreement"}  # sub-rows (part of the phase above them)
 KINDS = ("plain", "refresh", "amortized")
+LABELS = {"spngd": "SP-NGD", "spngd_async": "SP-NGD async"}  # column heads of the SP-NGD variants
 CONFIGS: dict[str, str | Path] = {"spngd": ROOT / "ds_configs" / "spngd_gpt.json",
                                   "adamw": ROOT / "ds_configs" / "adamw_gpt.json"}
 
@@ -78,8 +80,12 @@ class Run:
 
 
 def read_config(name: str) -> dict[str, Any]:
-    """The JSON behind optimizer ``name`` (SGD: SP-NGD's, for its lr and momentum)."""
-    return json.loads(Path(CONFIGS["spngd" if name == "sgd" else name]).read_text())  # type: ignore[no-any-return]
+    """The JSON behind optimizer ``name`` (SGD: SP-NGD's, for its lr and momentum; ``spngd_async``: SP-NGD's with
+    ``async_inverse`` on, installed ``inv_update_steps`` after launch)."""
+    cfg: dict[str, Any] = json.loads(Path(CONFIGS["spngd" if name in ("sgd", "spngd_async") else name]).read_text())
+    if name == "spngd_async":
+        cfg["optimizer"]["params"]["async_inverse"] = True
+    return cfg
 
 
 def ds_config(name: str, world: int) -> dict[str, Any]:
@@ -266,12 +272,12 @@ def table(vocab: int, runs: dict[str, dict[str, dict[str, float]]]) -> str:
     """The markdown table of one vocabulary (``runs``: optimizer → kind → :func:`summarize`)."""
     adam = runs["adamw"]["amortized"] if "adamw" in runs else None
     cols: list[tuple[str, str]] = [(n, "amortized") for n in ("sgd", "adamw") if n in runs]
-    cols += [("spngd", k) for k in KINDS if k in runs.get("spngd", {})]
+    cols += [(n, k) for n in ("spngd", "spngd_async") for k in KINDS if k in runs.get(n, {})]
     head, cells = [], {}
     rows = [r for p in PHASES for r in (p, DETAIL.get(p)) if r is not None] + ["total"]
     for n, k in cols:
         s = runs[n][k]
-        head.append(f"{n if n != 'spngd' else 'SP-NGD ' + k} ms")
+        head.append(f"{LABELS[n] + ' ' + k if n in LABELS else n} ms")
         cells[head[-1]] = [f"{s[r]:.1f}" for r in rows] + [f"{s['min']:.0f}–{s['max']:.0f}"]
         if adam is not None and n != "adamw":
             head.append("×AdamW")
@@ -309,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line; launch the ranks (or be one)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocabs", type=int, nargs="+", default=[85, 8192])
-    ap.add_argument("--optimizers", nargs="+", default=["sgd", "adamw", "spngd"], choices=("sgd", "adamw", "spngd"))
+    ap.add_argument("--optimizers", nargs="+", default=["sgd", "adamw", "spngd"],
+                    choices=("sgd", "adamw", "spngd", "spngd_async"))
     ap.add_argument("--spngd-config", default=str(CONFIGS["spngd"]), help="SP-NGD's JSON (SGD takes its lr, momentum)")
     ap.add_argument("--adamw-config", default=str(CONFIGS["adamw"]))
     ap.add_argument("--windows", type=int, default=8, help="measured windows (one refresh period each) per engine")

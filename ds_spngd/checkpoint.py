@@ -26,6 +26,7 @@ current placement takes what it needs from the merged state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,9 +39,11 @@ from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.staleness import RefreshSchedule
 from ds_spngd.transaction import SkipLedger
 
+logger = logging.getLogger("ds_spngd")
+
 __all__ = ["SHARD_PATTERN", "SHARD_GLOB", "Fault", "SPNGDCheckpointError", "SPNGDCheckpointNotFoundError", "ShardScan",
            "check_block_names", "checkpoint_error", "load_state", "merge_shards", "pack_state", "read_shards",
-           "remove_stale_shards", "save_shard", "scan_shards"]
+           "remove_stale_shards", "save_shard", "scan_shards", "pending_inversion"]
 
 SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
 SHARD_GLOB = "spngd_rank*.pt"
@@ -363,6 +366,20 @@ def pack_state(steps: int, ledger: SkipLedger, config: dict[str, Any], world: in
     return {"steps": steps, "skipped_steps": ledger.skipped_steps, "consecutive_skips": ledger.consecutive_skips,
             "config": config, "world_size": world, "rank": rank, "blocks": {b.name: b.state_dict() for b in blocks},
             "refresh": refresh.state_dict()}
+
+
+def pending_inversion(shards: Sequence[dict[str, Any]], rank: int, world: int) -> dict[str, Any] | None:
+    """This rank's pending asynchronous inversion (``async_inverse``) from its own shard, when the shards come from
+    the same world size (the owners' parts are per rank); else None, with a warning when one was pending (the saved
+    preconditioners stay in use until the next inversion)."""
+    mine = [s for s in shards if int(s.get("rank", -1)) == rank and int(s.get("world_size", -1)) == world]
+    if mine:
+        return mine[0].get("async_inversion")  # type: ignore[no-any-return]
+    if any(s.get("async_inversion") for s in shards) and len(shards) > 1 and rank == 0:
+        logger.warning("SP-NGD: the checkpoint holds an asynchronous inversion in flight from %d ranks; on %d ranks "
+                       "it is dropped (the saved preconditioners stay until the next inversion step)",
+                       len(shards), world)
+    return None
 
 
 def load_state(shards: Sequence[dict[str, Any]], blocks: Sequence[FisherBlock], ledger: SkipLedger,

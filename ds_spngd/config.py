@@ -137,6 +137,13 @@ class SPNGDConfig(BaseModel):
             parameter elements (or none of them, whatever φ is), the constructor logs a warning on rank 0 naming the
             fraction and the largest parameters left to the plain momentum-SGD update (:mod:`ds_spngd.startup`).
             0 warns only when nothing is preconditioned.
+        async_inverse: run each inversion step's inverse / eigendecomposition work off the critical path (Ba, Grosse
+            & Martens, ICLR 2017, §3–4): a worker thread (CPU) or a CUDA side stream inverts the factors as committed
+            on the inversion step, and the result is installed ``async_inverse_delay`` steps later, on the same step
+            on every rank; the steps in between precondition with the previous preconditioners. A block's first
+            inversion is synchronous. (:mod:`ds_spngd.comm.async_inversion`.)
+        async_inverse_delay: steps from launch to install (the staleness bound), 1 ≤ delay ≤ ``inv_update_steps``;
+            None = ``inv_update_steps`` (installed when the next inversion is launched).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -175,11 +182,14 @@ class SPNGDConfig(BaseModel):
     polar_nesterov: bool = True
     polar_steps: int = Field(5, ge=1, le=20)
     min_preconditioned_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    async_inverse: bool = False
+    async_inverse_delay: int | None = Field(None, ge=1)
 
     @field_validator(
         "lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_sample_fraction", "factor_update_steps",
         "inv_update_steps", "kl_clip", "bucket_cap_mb", "max_consecutive_skips", "max_factor_dim", "stale_tolerance",
-        "stale_max_interval", "polar_momentum", "polar_steps", "min_preconditioned_fraction", mode="before",
+        "stale_max_interval", "polar_momentum", "polar_steps", "min_preconditioned_fraction", "async_inverse_delay",
+        mode="before",
     )
     @classmethod
     def _no_bool_numbers(cls, v: Any) -> Any:
@@ -194,6 +204,16 @@ class SPNGDConfig(BaseModel):
                 f"inv_update_steps ({self.inv_update_steps}) must be a multiple of factor_update_steps "
                 f"({self.factor_update_steps}) so that every inversion uses freshly reduced factors"
             )
+        if self.async_inverse_delay is not None and self.async_inverse_delay > self.inv_update_steps:
+            raise ValueError(
+                f"async_inverse_delay ({self.async_inverse_delay}) must be at most inv_update_steps "
+                f"({self.inv_update_steps}): one asynchronous inversion is in flight at a time")
+
+    @property
+    def inverse_delay(self) -> int:
+        """Steps from launching an asynchronous inversion to installing it (``async_inverse_delay``, default
+        ``inv_update_steps``)."""
+        return self.async_inverse_delay if self.async_inverse_delay is not None else self.inv_update_steps
 
 
 def suggest_key(key: str, known: Iterable[str]) -> str | None:

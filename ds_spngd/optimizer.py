@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ds_spngd.checkpoint import check_block_names, load_state, pack_state
+from ds_spngd.checkpoint import check_block_names, load_state, pack_state, pending_inversion
 from ds_spngd.comm.agreement import StepFailure
+from ds_spngd.comm.async_inversion import AsyncInversion
 from ds_spngd.comm.collectives import rank, world_size
 from ds_spngd.comm.factor_reduction import FactorReducer
 from ds_spngd.comm.inversion import OwnerPlan
@@ -55,13 +56,7 @@ from ds_spngd.placement import DirectionInputs, Placement, directions
 from ds_spngd.polar import PolarSettings
 from ds_spngd.staleness import RefreshSchedule
 from ds_spngd.startup import ParamGuard, coverage, warn_if_little_preconditioned
-from ds_spngd.transaction import (
-    LedgerField,
-    SkipLedger,
-    agree_on_inputs,
-    refresh_preconditioners,
-    report_silent_hooks,
-)
+from ds_spngd.transaction import LedgerField, SkipLedger, agree_on_inputs, refresh_preconditioners, report_silent_hooks
 from ds_spngd.update import WeightRescaler, apply_group
 
 __all__ = ["SPNGD"]
@@ -127,6 +122,7 @@ class SPNGD(torch.optim.Optimizer):
         self._dist: DistributedPlan | None = None  # owners, factor reducer, placement (setup_distributed)
         self.grads: GradientAccess = DenseGradients(self, self._positions, self.blocks, self._param_names)
         self.ledger = SkipLedger(cfg.nonfinite, cfg.max_consecutive_skips)
+        self.inverter = AsyncInversion(cfg.inverse_delay) if cfg.async_inverse else None  # async_inverse's worker
         self.dp_group: Any = process_group
         self.group: Any = None
         self.steps = 0
@@ -304,7 +300,7 @@ class SPNGD(torch.optim.Optimizer):
             if collect and not self._reported_silent:
                 self._reported_silent = report_silent_hooks(self.blocks, self.rank)
             refresh_preconditioners(self.blocks, self.refresh, plan, placement, cfg.damping, cfg.inverse_method,
-                                    self.group, invert, device, stats)
+                                    self.group, invert, device, stats, self.inverter, self.steps)
         except StepFailure as failure:
             reducer.rollback()
             self.refresh.discard()
@@ -387,8 +383,10 @@ class SPNGD(torch.optim.Optimizer):
     # ---- state_dict contract (torch.optim) --------------------------------------------------------------------
     def spngd_state(self) -> dict[str, Any]:
         """SP-NGD's own state on this rank (:func:`ds_spngd.checkpoint.pack_state`)."""
-        return pack_state(self.steps, self.ledger, self.cfg.model_dump(), world_size(self.group), self.rank,
-                          self.blocks, self.refresh)
+        state = pack_state(self.steps, self.ledger, self.cfg.model_dump(), world_size(self.group), self.rank,
+                           self.blocks, self.refresh)
+        state["async_inversion"] = None if self.inverter is None else self.inverter.state()  # this rank's own
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -403,6 +401,8 @@ class SPNGD(torch.optim.Optimizer):
             ValueError: no shard, shards from different steps, or Fisher blocks that do not match the model's.
         """
         self.steps = load_state(shards, self.blocks, self.ledger, self.refresh)
+        if self.inverter is not None:  # a pending asynchronous inversion: this rank's own shard holds its part
+            self.inverter.load(pending_inversion(shards, self.rank, world_size(self.group)), self.device)
         self.plan_collection()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -426,3 +426,5 @@ class SPNGD(torch.optim.Optimizer):
         self._output_hook.remove()
         if self._dist is not None:
             self._dist.placement.remove()
+        if self.inverter is not None:
+            self.inverter.close()

@@ -192,11 +192,16 @@ class RefreshSchedule:
             return [True] * len(self.blocks)
         return [self._inverted.get(b.name) != self._versions(b) for b in self.blocks]
 
-    def inverted(self, done: Sequence[bool]) -> None:
-        """Record the factor versions of the blocks just (re)inverted."""
+    def inverted(self, done: Sequence[bool], versions: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Record the factor versions of the blocks just (re)inverted (``versions``: those the inversion was
+        computed from, when it was launched earlier — asynchronous inverses; default: the current ones)."""
         for b, d in zip(self.blocks, done, strict=True):
             if d:
-                self._inverted[b.name] = self._versions(b)
+                self._inverted[b.name] = versions[b.name] if versions is not None else self._versions(b)
+
+    def versions(self, done: Sequence[bool]) -> dict[str, tuple[int, ...]]:
+        """The current factor versions of the blocks flagged in ``done``, by block name."""
+        return {b.name: self._versions(b) for b, d in zip(self.blocks, done, strict=True) if d}
 
     @staticmethod
     def _versions(b: FisherBlock) -> tuple[int, ...]:

@@ -6,7 +6,9 @@ rank, never a hang).
    factors and on contributions that missed their bucket (:mod:`ds_spngd.comm.agreement`), stale statistics decide
    their next intervals from the same vector, and only then are the factors committed;
 2. :func:`refresh_preconditioners`: the owners draft, every rank agrees, the preconditioners are installed where the
-   placement wants them (:func:`ds_spngd.comm.inversion.distributed_update`, :mod:`ds_spngd.placement`);
+   placement wants them (:func:`ds_spngd.comm.inversion.distributed_update`, :mod:`ds_spngd.placement`); with
+   ``async_inverse`` the drafting runs on a worker and the agreement and install come ``delay`` steps later
+   (:mod:`ds_spngd.comm.async_inversion`);
 3. :class:`SkipLedger`: with agreed problems every rank raises the same error or skips the step, with factors,
    preconditioners, momentum and counters exactly as before; it owns the skip counters DeepSpeed reads.
 
@@ -24,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ds_spngd.comm.agreement import Problem, StepFailure, agree, describe_problems, input_problems
-from ds_spngd.comm.collectives import world_size
+from ds_spngd.comm.async_inversion import AsyncInversion
+from ds_spngd.comm.collectives import rank, world_size
 from ds_spngd.comm.factor_reduction import FactorReducer
-from ds_spngd.comm.inversion import OwnerPlan, distributed_update
+from ds_spngd.comm.inversion import OwnerPlan, distributed_update, global_traces, install_agreed
 from ds_spngd.curvature.base import FisherBlock
 from ds_spngd.gradients import GradientAccess
 from ds_spngd.placement import Placement
@@ -81,25 +84,49 @@ def report_silent_hooks(blocks: Sequence[FisherBlock], rank: int) -> bool:
 
 def refresh_preconditioners(blocks: Sequence[FisherBlock], refresh: RefreshSchedule, plan: OwnerPlan,
                             placement: Placement, damping: float, method: str, group: Any, invert: bool,
-                            device: torch.device, stats: dict[str, float | Tensor]) -> None:
+                            device: torch.device, stats: dict[str, float | Tensor],
+                            inverter: AsyncInversion | None = None, step: int = 0) -> None:
     """Inversion transaction (:func:`ds_spngd.comm.inversion.distributed_update`) on inversion steps (``invert``);
     also (re)builds blocks that have factors but no preconditioner yet (first use, hooks that fired late).
+
+    With an ``inverter`` (``async_inverse``): first the inversion launched ``delay`` steps ago is installed when
+    optimizer step ``step`` is its install step (agreement, broadcasts, install); then an inversion step whose blocks
+    all have a preconditioner launches its drafting on the worker instead of running it (a block's first inversion
+    stays synchronous).
 
     Raises:
         StepFailure: an owner failed to build a preconditioner (agreed by every rank); nothing was installed.
     """
+    t0 = time.perf_counter()
+    sent = 0
+    share = placement.shares_preconditioners
+    if inverter is not None and inverter.due(step):
+        pending = inverter.take()
+        assert pending.result is not None
+        sent, problems = install_agreed(blocks, pending.todo, plan, *pending.result, damping, method, group, share,
+                                        device)
+        if problems:
+            raise StepFailure(problems)
+        refresh.inverted(pending.todo, pending.versions)
+        stats["async_installed"] = 1.0
     todo = [b.has_factors and (inv or not b.has_preconditioner)
             for b, inv in zip(blocks, refresh.to_invert(invert), strict=True)]
-    if not any(todo):
-        return
-    t0 = time.perf_counter()
-    sent, problems = distributed_update(blocks, todo, plan, damping, method, group,
-                                        placement.shares_preconditioners, device)
-    if problems:
-        raise StepFailure(problems)
-    refresh.inverted(todo)
-    stats["inverse_bytes"] = float(sent)
-    stats["inversion_s"] = time.perf_counter() - t0
+    if any(todo):
+        first = any(t and not b.has_preconditioner for b, t in zip(blocks, todo, strict=True))
+        if inverter is not None and not first:
+            traces = global_traces(blocks, todo, plan, group, device)
+            inverter.launch(step, blocks, todo, plan, traces, damping, method, device, rank(group),
+                            world_size(group), refresh.versions(todo))
+            stats["async_launched"] = 1.0
+        else:
+            sent_now, problems = distributed_update(blocks, todo, plan, damping, method, group, share, device)
+            if problems:
+                raise StepFailure(problems)
+            refresh.inverted(todo)
+            sent += sent_now
+    if sent or any(todo) or "async_installed" in stats:
+        stats["inverse_bytes"] = float(sent)
+        stats["inversion_s"] = time.perf_counter() - t0
 
 
 class SkipLedger:

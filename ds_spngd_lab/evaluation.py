@@ -74,8 +74,20 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
     model.train(was_training)
 
 
-@torch.no_grad()
 def top1_accuracy(
+    engine: Any, source: BatchSource, dtype: torch.dtype, world: int, recent: Sequence[torch.Tensor] = ()
+) -> float:
+    """:func:`_top1_accuracy` of the consensus model when the replicas differ (DecentLaM / DmSGD: the average of every
+    rank's parameters, :func:`ds_spngd.integrations.deepspeed.decentralized_engine.consensus_parameters`; each rank's
+    own parameters are back afterwards), of the model itself otherwise."""
+    from ds_spngd.integrations.deepspeed.decentralized_engine import consensus_parameters
+
+    with consensus_parameters(engine):
+        return _top1_accuracy(engine, source, dtype, world, recent)
+
+
+@torch.no_grad()
+def _top1_accuracy(
     engine: Any, source: BatchSource, dtype: torch.dtype, world: int, recent: Sequence[torch.Tensor] = ()
 ) -> float:
     """Top-1 accuracy in [0, 1] over the whole evaluation set (each rank its shard; counts all-reduced).
@@ -98,8 +110,17 @@ def top1_accuracy(
     return float(counts[0] / counts[1])
 
 
-@torch.no_grad()
 def validation_loss(engine: Any, source: EvalWindows, rank: int, world: int, batch: int) -> float:
+    """:func:`_validation_loss` of the consensus model when the replicas differ (DecentLaM / DmSGD, as
+    :func:`top1_accuracy`), of the model itself otherwise."""
+    from ds_spngd.integrations.deepspeed.decentralized_engine import consensus_parameters
+
+    with consensus_parameters(engine):
+        return _validation_loss(engine, source, rank, world, batch)
+
+
+@torch.no_grad()
+def _validation_loss(engine: Any, source: EvalWindows, rank: int, world: int, batch: int) -> float:
     """Mean validation cross-entropy per token (nats) over ``source``'s windows (each rank its shard, sums reduced)."""
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64)

@@ -9,7 +9,9 @@ Loop (:class:`TrainingLoop`): each optimizer step runs ``gradient_accumulation_s
 step's mean loss across ranks before the boundary step (:func:`agreed_step_loss`), times the step, appends it to
 ``steps.csv`` (:class:`ds_spngd_lab.results.StepLog`, rank 0), sends it to DeepSpeed's monitor and a tqdm bar, and
 evaluates every ``eval_interval`` steps and at the end (the script's evaluation; its time is excluded from the
-training wall time), noting the first evaluation that reaches the target (and stopping there when asked).
+training wall time), noting the first evaluation that reaches the target (and stopping there when asked). With an
+:class:`ds_spngd_lab.adversarial.AdversarialStep` each micro-batch's loss is its clean + adversarial loss instead of
+the script's (plain or ConAdv, the config's ``"adversarial"`` section).
 
 End: :func:`report_run` writes ``result.json``, prints the result table and finishes the W&B run (rank 0).
 """
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ds_spngd
+from ds_spngd_lab.adversarial import AdversarialStep
 from ds_spngd_lab.results import StepLog, write_json
 from ds_spngd_lab.wandb_run import finish_wandb
 
@@ -180,12 +183,15 @@ class TrainingLoop:
         rank, world: this rank and the data-parallel world size.
         skips_nonfinite: the optimizer skips non-finite steps itself (else the loop raises before the update).
         on_target: called with the step at the first evaluation that reaches ``plan.target``.
+        adversarial: train on clean + adversarial examples (its ``loss`` replaces ``forward_loss``; None: clean).
     """
 
     def __init__(self, engine: Any, plan: LoopPlan, metric: Metric, forward_loss: Callable[[torch.Tensor, torch.Tensor],
                  torch.Tensor], evaluate: Callable[[], float], *, rank: int, world: int, skips_nonfinite: bool,
-                 on_target: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 on_target: Callable[[int], None] | None = None,
+                 adversarial: AdversarialStep | None = None) -> None:  # fmt: skip
         self.engine, self.plan, self.metric = engine, plan, metric
+        self.adversarial = adversarial
         self.forward_loss, self.evaluate, self.on_target = forward_loss, evaluate, on_target
         self.rank, self.world, self.skips_nonfinite = rank, world, skips_nonfinite
         monitor = getattr(engine, "monitor", None)
@@ -205,11 +211,11 @@ class TrainingLoop:
             if plan.eval_at_start:
                 out.metric = self.evaluate()
                 out.evals.append((0, 0.0, out.metric))
-            batches = source.epoch(0)
+            batches = self._epoch(source, 0)
             while out.steps < plan.total_steps:
                 step = out.steps
                 if step % plan.steps_per_epoch == 0 and step > 0:
-                    batches = source.epoch(step // plan.steps_per_epoch)
+                    batches = self._epoch(source, step // plan.steps_per_epoch)
                 t0 = time.perf_counter()
                 lr = float(self.engine.get_lr()[0])
                 out.loss = self._optimizer_step(batches, step)
@@ -228,6 +234,11 @@ class TrainingLoop:
             log.close()
         return out
 
+    def _epoch(self, source: EpochSource, epoch: int) -> Iterator[Batch]:
+        """Epoch ``epoch``'s micro-batches (through the adversarial look-ahead when there is one)."""
+        batches = source.epoch(epoch)
+        return batches if self.adversarial is None else self.adversarial.lookahead(batches, self.plan.micro_batches)
+
     def _optimizer_step(self, batches: Iterator[Batch], step: int) -> float:
         """One optimizer step's micro-batches; returns the step's mean loss agreed across ranks."""
         plan = self.plan
@@ -235,13 +246,15 @@ class TrainingLoop:
         value = float("nan")
         for micro_idx in range(plan.micro_batches):
             x, y = next(batches)
-            loss = self.forward_loss(x, y)
+            loss = self.forward_loss(x, y) if self.adversarial is None else self.adversarial.loss(x, y)
             self.engine.backward(loss)
             loss_sum += loss.detach().double().cpu()
             if micro_idx == plan.micro_batches - 1:  # before the boundary step: agree on finiteness across ranks
                 where = f" (epoch {step // plan.steps_per_epoch})" if plan.epoch_in_errors else ""
                 value = agreed_step_loss(loss_sum, plan.micro_batches, self.world, step, not self.skips_nonfinite,
                                          where=where)  # fmt: skip
+                if self.adversarial is not None:
+                    self.adversarial.before_update()  # ConAdv keeps w_t before the update overwrites it
             self.engine.step()
         return value
 

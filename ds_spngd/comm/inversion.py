@@ -43,7 +43,8 @@ from ds_spngd.comm.collectives import all_reduce_sum, broadcast, rank, world_siz
 from ds_spngd.curvature.base import FisherBlock, PreconditionerDraft, Traces
 from ds_spngd.linalg import finish_inverses
 
-__all__ = ["OwnerPlan", "plan_owners", "plan_parts", "distributed_update", "share_directions"]
+__all__ = ["OwnerPlan", "plan_owners", "plan_parts", "distributed_update", "draft_local", "global_traces",
+           "install_agreed", "share_directions"]
 
 logger = logging.getLogger("ds_spngd")
 
@@ -94,8 +95,8 @@ def plan_owners(blocks: Sequence[FisherBlock], group: Any = None) -> OwnerPlan:
     return plan_parts(blocks, world_size(group))
 
 
-def _global_traces(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, group: Any,
-                   device: torch.device) -> Traces:
+def global_traces(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, group: Any,
+                  device: torch.device) -> Traces:
     """Factor name → trace, for the factors of the refreshed blocks whose parts have several owners: each owner
     puts in its factors' traces, one SUM all-reduce gives every rank all of them (no host sync). Empty (and no
     collective) when no such block is refreshed — decided from the plan and ``todo``, identical on every rank."""
@@ -183,12 +184,29 @@ def distributed_update(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan
         (bytes this rank handed to broadcasts, the agreed problems). With problems nothing was installed anywhere:
         every block keeps its previous preconditioner on every rank.
     """
+    traces = global_traces(blocks, todo, plan, group, device)
+    built, codes = draft_local(blocks, todo, plan, traces, damping, method, device, rank(group), world_size(group))
+    return install_agreed(blocks, todo, plan, built, codes, damping, method, group, share, device)
+
+
+def draft_local(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan, traces: Traces,
+                damping: float, method: str, device: torch.device, me: int,
+                world: int) -> tuple[dict[int, list[Tensor]], Tensor]:
+    """The local half of :func:`distributed_update` (no collective): this rank's parts among ``todo`` drafted and
+    finished. Returns (job index → built tensors, failure code per job of the plan)."""
+    jobs = [j for j, (i, _) in enumerate(plan.jobs) if todo[i]]
+    return _draft_all(blocks, plan, [j for j in jobs if world == 1 or plan.owners[j] == me], traces, damping,
+                      method, device)
+
+
+def install_agreed(blocks: Sequence[FisherBlock], todo: Sequence[bool], plan: OwnerPlan,
+                   built: dict[int, list[Tensor]], codes: Tensor, damping: float, method: str, group: Any,
+                   share: bool, device: torch.device) -> tuple[int, list[Problem]]:
+    """The collective half of :func:`distributed_update`: agree on every owner's failure ``codes``, then broadcast
+    and install the ``built`` tensors where the placement wants them. Returns as :func:`distributed_update`."""
     me, world = rank(group), world_size(group)
     owners = plan.owners
     jobs = [j for j, (i, _) in enumerate(plan.jobs) if todo[i]]
-    traces = _global_traces(blocks, todo, plan, group, device)
-    built, codes = _draft_all(blocks, plan, [j for j in jobs if world == 1 or owners[j] == me], traces, damping,
-                              method, device)
     agreed = agree([codes], group, device)
     problems, seen = [], set()
     for j, c in enumerate(agreed):  # one owner per job: the sum is that owner's code

@@ -26,13 +26,33 @@ model after the optimizer was built), and accumulate in fp32 whatever the model'
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["SymmetricFactor", "side_layout", "real_diagonal"]
+__all__ = ["SymmetricFactor", "frozen_values", "side_layout", "real_diagonal"]
+
+_FROZEN = threading.local()  # this thread's {id(factor): value} snapshot (frozen_values)
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def frozen_values(values: Mapping[int, Tensor | None]) -> Iterator[None]:
+    """Within the block, on the calling thread only, ``factor.value`` of every factor whose ``id`` is a key of
+    ``values`` reads that snapshot instead of the live value (asynchronous inverses,
+    :mod:`ds_spngd.comm.async_inversion`: the worker inverts the factors of its launch step while the main thread
+    commits newer ones). A commit rebinds ``value`` to a new tensor and never writes into the old one, so a snapshot
+    of the tensors themselves stays valid."""
+    previous = getattr(_FROZEN, "values", None)
+    _FROZEN.values = values
+    try:
+        yield
+    finally:
+        _FROZEN.values = previous
 
 Count = float | Tensor  # number of examples (or positions) behind a sum: a host number or a 0-d device tensor
 
@@ -108,7 +128,7 @@ class SymmetricFactor:
         self.due: bool = True
         self.accum: Tensor | None = None
         self.count: Count = 0.0
-        self.value: Tensor | None = None
+        self._value: Tensor | None = None
         self.version: int = 0
         self._backup: tuple[Tensor | None, int] | None = None
 
@@ -119,6 +139,21 @@ class SymmetricFactor:
         diagonal (:func:`side_layout`)."""
         blocks, dim = side_layout(size, max_dim, method)
         return cls(name, dim, blocks=blocks, final_in=final_in, device=device, size=size)
+
+    @property
+    def value(self) -> Tensor | None:
+        """The committed running average (B × d × d fp32; None before the first commit, and on ranks that do not
+        own the factor); inside :func:`frozen_values` on this thread, the snapshot."""
+        frozen = getattr(_FROZEN, "values", None)
+        if frozen is not None:
+            snap = frozen.get(id(self), _UNSET)
+            if snap is not _UNSET:
+                return snap  # type: ignore[no-any-return]
+        return self._value
+
+    @value.setter
+    def value(self, value: Tensor | None) -> None:
+        self._value = value
 
     @property
     def padded(self) -> int:

@@ -134,7 +134,8 @@ def resolve_config(
     ``gradient_accumulation_steps`` are all set consistently; with a ``batch_scaling`` section,
     ``optimizer.params.lr`` becomes the scaled LR; scheduler params equal to ``"auto"`` are filled:
     ``total_num_steps`` / ``total_iters`` = ``ceil(epochs * steps_per_epoch)``, ``warmup_num_steps`` =
-    ``max(1, round(warmup_epochs * steps_per_epoch))``, ``warmup_max_lr`` = optimizer lr, ``warmup_min_lr`` = 0.
+    ``max(1, round(warmup_epochs * steps_per_epoch))``, ``warmup_max_lr`` = optimizer lr, ``warmup_min_lr`` = 0;
+    ``growth`` / ``check_every`` = ``"auto"`` of an ``AdaptiveWarmup`` scheduler are left for the scheduler.
     The ``batch_scaling`` section is kept.
 
     Raises:
@@ -184,6 +185,8 @@ def resolve_config(
                 params[key] = float(opt_lr)
             elif key == "warmup_min_lr":
                 params[key] = 0.0
+            elif key in ("growth", "check_every") and str(scheduler.get("type", "")).lower() == "adaptivewarmup":
+                continue  # ds_spngd.schedules.AdaptiveWarmup resolves these itself
             else:
                 raise ValueError(f"scheduler.params.{key}='auto' cannot be resolved (no rule for this key)")
     return cfg

@@ -18,7 +18,11 @@ the shipped configs in ``ds_configs/`` and changes only what the grid says:
 
 Optimizers (``OPTIMIZERS``): ``sgd`` — momentum SGD with Goyal's linear scaling and warm-up; ``lars`` — LARS (You,
 Gitman & Ginsburg 2017, arXiv:1708.03888); ``lamb`` — LAMB (You et al. 2020, arXiv:1904.00962); ``spngd`` —
-SP-NGD (Osawa et al. 2019, arXiv:1811.12019).
+SP-NGD (Osawa et al. 2019, arXiv:1811.12019). Variants of those with one section replaced (issue 18's evidence):
+``*_aw`` — the ``AdaptiveWarmup`` scheduler (Kim et al. 2021, arXiv:2107.05855; the rule's LR is its ceiling) instead
+of the tuned warm-up; ``*_conadv`` — concurrent adversarial training (Liu et al. 2021, arXiv:2106.00221,
+:mod:`ds_spngd_lab.adversarial`); ``decentlam`` / ``dmsgd`` — decentralized momentum SGD over a ring (Yuan et al.
+2021, arXiv:2104.11981) with SGD-Goyal's rule.
 """
 
 from __future__ import annotations
@@ -49,21 +53,38 @@ class OptimizerSpec:
         label: name in tables and figures.
         config: base DeepSpeed JSON file name in ``ds_configs/``.
         scaling: the ``batch_scaling`` section to use when the base config has none (None: keep the config's).
+        sections: top-level sections that replace the base config's (a variant of a shipped config).
     """
 
     key: str
     label: str
     config: str
     scaling: dict[str, Any] | None = None
+    sections: dict[str, Any] | None = None
 
+
+# spngd.json's lr 0.2 was tuned at batch 1024 (README results); sqrt scaling around it, 10-step warm-up kept
+_SPNGD_SCALING = {"base_lr": 0.2, "base_batch_size": 1024, "rule": "sqrt", "warmup_epochs": 0.0}
+# ds_configs/sgd_adaptive_warmup.json's scheduler; the batch_scaling rule's LR becomes its ceiling
+_ADAPTIVE = {"type": "AdaptiveWarmup", "params": {
+    "total_num_steps": "auto", "min_lr_ratio": 1e-4, "max_warmup_fraction": 0.5, "check_every": "auto",
+    "min_points": 15, "window": 100, "patience": 3, "decay": "cosine", "final_lr_ratio": 0.0}}
+_CONADV = {"enabled": True, "mode": "conadv", "epsilon": 0.03, "steps": 1, "clean_weight": 0.5}
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec("sgd", "SGD-Goyal", "sgd.json"),
     "lars": OptimizerSpec("lars", "LARS", "lars.json"),
     "lamb": OptimizerSpec("lamb", "LAMB", "lamb.json"),
-    # spngd.json's lr 0.2 was tuned at batch 1024 (README results); sqrt scaling around it, 10-step warm-up kept
-    "spngd": OptimizerSpec("spngd", "SP-NGD", "spngd.json",
-                           {"base_lr": 0.2, "base_batch_size": 1024, "rule": "sqrt", "warmup_epochs": 0.0}),
+    "spngd": OptimizerSpec("spngd", "SP-NGD", "spngd.json", _SPNGD_SCALING),
+    "sgd_aw": OptimizerSpec("sgd_aw", "SGD + AdaptiveWarmup", "sgd.json", sections={"scheduler": _ADAPTIVE}),
+    "lamb_aw": OptimizerSpec("lamb_aw", "LAMB + AdaptiveWarmup", "lamb.json", sections={"scheduler": _ADAPTIVE}),
+    "spngd_aw": OptimizerSpec("spngd_aw", "SP-NGD + AdaptiveWarmup", "spngd.json", _SPNGD_SCALING,
+                              {"scheduler": _ADAPTIVE}),
+    "lamb_conadv": OptimizerSpec("lamb_conadv", "LAMB + ConAdv", "lamb.json", sections={"adversarial": _CONADV}),
+    "spngd_conadv": OptimizerSpec("spngd_conadv", "SP-NGD + ConAdv", "spngd.json", _SPNGD_SCALING,
+                                  {"adversarial": _CONADV}),
+    "decentlam": OptimizerSpec("decentlam", "DecentLaM (ring)", "decentlam.json"),
+    "dmsgd": OptimizerSpec("dmsgd", "DmSGD (ring)", "dmsgd.json"),
 }
 
 
@@ -154,6 +175,7 @@ def base_config(optimizer: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]
 
     spec = OPTIMIZERS[optimizer]
     cfg: dict[str, Any] = json.loads((config_dir / spec.config).read_text(encoding="utf-8"))
+    cfg.update(copy.deepcopy(spec.sections or {}))
     if SCALING_SECTION not in cfg:
         if spec.scaling is None:
             raise ValueError(f"{spec.config} has no '{SCALING_SECTION}' section and the sweep gives none")
@@ -174,8 +196,10 @@ def run_config(run: RunSpec, base: dict[str, Any], project: str, group: str, wan
     if wandb:
         cfg["wandb"] = {"enabled": True, "project": project, "group": group}
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    # B_simple needs b < B and whole local gradients (ds_spngd.integrations.deepspeed.noise_scale)
-    if run.world >= 2 and stage == 0:
+    # B_simple needs b < B and whole local gradients (ds_spngd.integrations.deepspeed.noise_scale), and DeepSpeed's
+    # all-reduce, which the decentralized optimizers turn off
+    decentralized = str(cfg["optimizer"].get("type", "")).lower() in ("decentlam", "dmsgd")
+    if run.world >= 2 and stage == 0 and not decentralized:
         cfg["gradient_noise_scale"] = {"enabled": True, "ema": 0.95}
     return cfg
 

@@ -51,6 +51,8 @@ RAISE = {
     "late": {**F, **_inj("late"), "extra": "twice", "bucket_cap_mb": 1e-6},
     "consecutive": {**F, "steps": 8, **_inj("factor", AT, 3), "nonfinite": "skip", "max_consecutive_skips": 2},
 }
+# async_inverse: the inversion launched at step AT fails on rank 1's worker; every rank learns it at the install step
+ASYNC_INV = {"inversion_async": {**F, "steps": 8, **_inj("inversion", AT, 3), "async_inverse": True}}
 EXPECTED = {  # (exception type, words of the message, the step it is raised at)
     "factor": ("FloatingPointError", "NaN/Inf in the reduced factor statistics", AT),
     "grad": ("FloatingPointError", "NaN/Inf", AT),
@@ -74,7 +76,7 @@ REFERENCE = {  # the same runs without the bad batch
     for k, v in SKIP.items()}
 OTHER = {"rank0_only": {**F, "extra": "rank0"}, "rank0_only_mem_z1": {**F, "extra": "rank0", "mode": "mem_opt",
                                                                       "zero": 1}}
-CASES = {**RAISE, **SKIP, **REFERENCE, **OTHER}
+CASES = {**RAISE, **SKIP, **REFERENCE, **OTHER, **ASYNC_INV}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,21 @@ def test_every_rank_skips_the_same_step_and_nothing_of_it_remains(runs: dict, wo
 def test_hooks_that_fire_on_one_rank_only_are_agreed_on(runs: dict, world: int, name: str) -> None:
     """The extra layer's factors are the mean over the ranks where it ran; every rank agrees, nothing hangs."""
     assert_identical_replicas(runs[world][name]["ranks"], F["steps"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_async_inversion_failure_is_agreed_at_its_install_step(runs: dict, world: int) -> None:
+    """``async_inverse``: the drafts of rank 1's blocks fail on its worker thread at launch step AT; the failure codes
+    are agreed at the install step AT + inv_update_steps, where every rank raises the same error, having changed
+    nothing in that step (the steps in between trained with the previous preconditioners)."""
+    ranks = runs[world]["inversion_async"]["ranks"]
+    at = AT + int(F.get("inv_update_steps", 2))
+    errors = [rec["error"] for rec in ranks]
+    assert all(e is not None for e in errors), f"a rank finished without an error: {errors}"
+    for r, e in enumerate(errors):
+        assert (e["step"], e["type"]) == (at, "FloatingPointError"), f"rank {r}: {e['type']} at {e['step']}"
+        assert "inverting on rank 1 failed" in e["message"] and e["message"] == errors[0]["message"]
+    for r, rec in enumerate(ranks):
+        assert torch.equal(rec["error"]["params"], rec["params"][at - 1]), f"rank {r}: parameters changed"
+        assert not torch.equal(rec["params"][at - 1], rec["params"][AT - 1]), "steps after the launch did not train"
+    assert_identical_replicas(ranks, failed=True)

@@ -90,7 +90,30 @@ def test_run_config_accumulation_warmup_and_sections() -> None:
     assert resolved["scheduler"]["params"]["warmup_num_steps"] == 48
     one_rank = make_config(RunSpec("sgd", 256, 1.0, 1, 256, 1, 1, 1), base_config("sgd"), "p", "g")
     assert "gradient_noise_scale" not in one_rank  # B_simple needs two ranks
-    assert set(OPTIMIZERS) == {"sgd", "lars", "lamb", "spngd"}
+    assert set(OPTIMIZERS) == {"sgd", "lars", "lamb", "spngd", "sgd_aw", "lamb_aw", "spngd_aw", "lamb_conadv",
+                               "spngd_conadv", "decentlam", "dmsgd"}
+
+
+@pytest.mark.parametrize(("variant", "base", "section"), [
+    ("sgd_aw", "sgd", "scheduler"), ("lamb_aw", "lamb", "scheduler"), ("spngd_aw", "spngd", "scheduler"),
+    ("lamb_conadv", "lamb", "adversarial"), ("spngd_conadv", "spngd", "adversarial")])
+def test_variants_replace_one_section_of_their_base(variant: str, base: str, section: str) -> None:
+    """The issue-18 variants are their base config with one section replaced: same optimizer and LR rule."""
+    got, ref = base_config(variant), base_config(base)
+    assert {k: v for k, v in got.items() if k != section} == {k: v for k, v in ref.items() if k != section}
+    assert got[section] != ref.get(section)
+    if section == "scheduler":
+        assert got["scheduler"]["type"] == "AdaptiveWarmup"
+    else:
+        assert got["adversarial"]["mode"] == "conadv"
+
+
+def test_decentralized_runs_get_no_noise_scale() -> None:
+    """DecentLaM / DmSGD turn DeepSpeed's all-reduce off, which the gradient noise scale needs (refused there)."""
+    run = RunSpec("decentlam", 4096, 1.0, 4, *micro_layout(4096, 4, 2048), 10, 1)
+    assert "gradient_noise_scale" not in make_config(run, base_config("decentlam"), "p", "g")
+    sgd = RunSpec("sgd", 4096, 1.0, 4, *micro_layout(4096, 4, 2048), 10, 1)
+    assert make_config(sgd, base_config("sgd"), "p", "g")["gradient_noise_scale"]["enabled"]
 
 
 def test_wandb_mode(tmp_path: Path) -> None:

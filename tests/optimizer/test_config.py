@@ -54,6 +54,8 @@ DEFAULTS = {
     "polar_nesterov": True,
     "polar_steps": 5,
     "min_preconditioned_fraction": 0.5,
+    "async_inverse": False,
+    "async_inverse_delay": None,
 }
 
 # a valid non-default value for every public key
@@ -92,6 +94,8 @@ VALID = {
     "polar_nesterov": False,
     "polar_steps": 3,
     "min_preconditioned_fraction": 0.1,
+    "async_inverse": True,
+    "async_inverse_delay": 1,
 }
 
 # (key, value of a wrong type)
@@ -145,6 +149,9 @@ WRONG_TYPE = [
     ("polar_steps", True),
     ("min_preconditioned_fraction", "half"),
     ("min_preconditioned_fraction", True),
+    ("async_inverse", "sometimes"),
+    ("async_inverse_delay", 1.5),
+    ("async_inverse_delay", True),
 ]
 
 # (key, out-of-range value); booleans have no range: 2 is "neither true nor false"
@@ -192,6 +199,8 @@ OUT_OF_RANGE = [
     ("polar_steps", 21),
     ("min_preconditioned_fraction", -0.1),
     ("min_preconditioned_fraction", 1.5),
+    ("async_inverse_delay", 0),
+    ("async_inverse", 2),
 ]
 
 

@@ -11,6 +11,8 @@ Modules:
 * :mod:`.construction` — the client optimizer's step is a no-op while DeepSpeed builds its wrappers (both routes);
 * :mod:`.noise_scale` — gradient noise scale around DeepSpeed's all-reduce;
 * :mod:`.first_order` — LARS / Lamb client optimizers;
+* :mod:`.decentralized` — DecentLaM / DmSGD (neighbour averaging on a sparse topology), glued by
+  :mod:`.decentralized_engine` (all-reduce off, per-rank checkpoints, consensus evaluation);
 * :mod:`.schedulers` — the ``AdaptiveWarmup`` scheduler section (built as ``lr_scheduler=``, fed the agreed loss);
 * :mod:`.ds_config` — the few JSON fields the glue decides on;
 * :mod:`.patches` — every patch of a DeepSpeed object and every DeepSpeed internal the glue reads, with the DeepSpeed

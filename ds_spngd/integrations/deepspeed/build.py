@@ -38,11 +38,17 @@ the gradient noise scale B_simple at each step (:mod:`.noise_scale`, ZeRO stage 
 ``"type": "LARS"`` / ``"Lamb"`` select the layer-wise first-order baselines (:mod:`.first_order`): unless DeepSpeed's
 own FusedLamb runs them (Lamb on CUDA), the wrapper validates their params, builds the pytorch-optimizer class on the
 parameters and passes it to deepspeed.initialize as a client optimizer (ZeRO stage 0; fp32 or bf16).
+
+``"type": "DecentLaM"`` / ``"DmSGD"`` select decentralized momentum SGD on a sparse topology (:mod:`.decentralized`,
+glue in :mod:`.decentralized_engine`: DeepSpeed's gradient all-reduce off, per-rank checkpoints; ZeRO stage 0).
+
+For every optimizer type, ``"scheduler": {"type": "AdaptiveWarmup", "params": {...}}`` selects
+:class:`ds_spngd.schedules.AdaptiveWarmup` (AutoWU, arXiv:2107.05855): :mod:`.schedulers` takes the section out,
+passes the scheduler as ``lr_scheduler=`` and feeds it the step's loss averaged over the data-parallel ranks.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -59,10 +65,12 @@ from deepspeed.utils import log_dist
 
 from ds_spngd.config import SPNGDConfig, SPNGDConfigError, parse_spngd_params
 from ds_spngd.integrations.deepspeed.construction import step_disabled
-from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, zero_stage
+from ds_spngd.integrations.deepspeed.decentralized_engine import initialize_decentralized, is_decentralized_config
+from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, without_config_path, zero_stage
 from ds_spngd.integrations.deepspeed.engine import attach
 from ds_spngd.integrations.deepspeed.first_order import initialize_first_order, is_first_order_config
 from ds_spngd.integrations.deepspeed.noise_scale import NoiseScaleConfig, attach_noise_scale, parse_noise_scale
+from ds_spngd.integrations.deepspeed.schedulers import initialize_with_scheduler
 from ds_spngd.memory import CATEGORIES, format_memory, plans_per_rank
 from ds_spngd.optimizer import SPNGD
 from ds_spngd.placement import PLACEMENTS
@@ -184,7 +192,7 @@ def initialize(
     with _entered() as depth:
         if depth > 1:  # reached again through deepspeed.initialize = ds_spngd.initialize: DeepSpeed's own
             return _DEEPSPEED_INITIALIZE(**passthrough)
-        return _initialize(passthrough)
+        return initialize_with_scheduler(_initialize, passthrough)  # "scheduler": {"type": "AdaptiveWarmup"}
 
 
 setattr(initialize, ORIGINAL_ATTR, _DEEPSPEED_INITIALIZE)  # noqa: B010 - marks ours (mypy rejects function attrs)
@@ -204,14 +212,18 @@ def _initialize(passthrough: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
         return deepspeed_initialize()(**passthrough)
     ds_config = load_ds_config(source)
     noise_cfg = parse_noise_scale(ds_config)  # top-level "gradient_noise_scale" (DeepSpeed ignores the key)
-    if not (isinstance(optimizer, SPNGD) or is_spngd_config(ds_config) or is_first_order_config(ds_config)):
+    if not (isinstance(optimizer, SPNGD) or is_spngd_config(ds_config) or is_first_order_config(ds_config)
+            or is_decentralized_config(ds_config)):
         built = deepspeed_initialize()(**passthrough)
     else:  # the config is edited: args must not point DeepSpeed at the file
-        ds_args = _without_config_path(args) if args_config is not None else args
+        ds_args = without_config_path(args) if args_config is not None else args
         ds_kwargs = {**passthrough, "args": ds_args, "config_params": None}
         if isinstance(optimizer, SPNGD) or is_spngd_config(ds_config):
             return _initialize_spngd(ds_config, noise_cfg, ds_kwargs)
-        built = initialize_first_order(ds_config, ds_kwargs)  # LARS / Lamb
+        elif is_decentralized_config(ds_config):  # DecentLaM / DmSGD
+            built = initialize_decentralized(ds_config, ds_kwargs)
+        else:
+            built = initialize_first_order(ds_config, ds_kwargs)  # LARS / Lamb
     attach_noise_scale(built[0], noise_cfg)
     return built
 
@@ -381,10 +393,3 @@ def prepare_client_config(ds_config: dict[str, Any], spngd_cfg: SPNGDConfig,
                        "natural-gradient analogue%s", clip, clipping_source)
     if zero_stage(ds_config) in (1, 2, 3):
         ds_config.setdefault("zero_allow_untested_optimizer", True)
-
-
-def _without_config_path(args: Any) -> Any:
-    """A copy of ``args`` with ``deepspeed_config = None`` (DeepSpeed refuses a config path and a dict together)."""
-    ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
-    ds_args.deepspeed_config = None
-    return ds_args

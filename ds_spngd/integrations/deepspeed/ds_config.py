@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 from typing import Any
 
-__all__ = ["zero_stage", "fp16_enabled"]
+__all__ = ["zero_stage", "fp16_enabled", "without_config_path"]
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -17,3 +19,10 @@ def fp16_enabled(ds_config: dict[str, Any]) -> bool:
     """True when the DeepSpeed JSON enables fp16 (``fp16.enabled``)."""
     fp16 = ds_config.get("fp16") or {}
     return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
+
+
+def without_config_path(args: Any) -> Any:
+    """A copy of ``args`` with ``deepspeed_config = None`` (DeepSpeed refuses a config path and a dict together)."""
+    ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
+    ds_args.deepspeed_config = None
+    return ds_args

@@ -185,9 +185,11 @@ PATCHES: tuple[Patch, ...] = (
           "has no callback around backward, and torch's tensor hooks fire per gradient, not before the call",
           (Anchor(_ENGINE, "DeepSpeedEngine.backward", line=3382, params=("loss", "retain_graph", "scale_wrt_gas")),
            Anchor(_ENGINE, "DeepSpeedEngine.backward", "self._backward_epilogue()", line=3431), _BOUNDARY)),
-    Patch("engine.enable_backward_allreduce", "sets", "enable_backward_allreduce", "engine._wrap_backward",
+    Patch("engine.enable_backward_allreduce", "sets", "enable_backward_allreduce",
+          "engine._wrap_backward, decentralized_engine.initialize_decentralized",
           "precondition_mode 'reduce_scatter': SP-NGD reduces the gradients itself, so DeepSpeed's all-reduce is "
-          "turned off with the engine's own switch (the one its removed 1-bit optimizers used); no public setter",
+          "turned off with the engine's own switch (the one its removed 1-bit optimizers used); no public setter. "
+          "DecentLaM / DmSGD: each rank steps with its local gradient and averages parameters with its neighbours",
           (Anchor(_ENGINE, "DeepSpeedEngine.__init__", "self.enable_backward_allreduce = True", line=548),
            Anchor(_ENGINE, "DeepSpeedEngine._backward_epilogue",
                   "if self.enable_backward_allreduce and not self.inside_no_sync_ctxt:", line=3163))),
@@ -207,15 +209,19 @@ PATCHES: tuple[Patch, ...] = (
            Anchor(_ZERO, "DeepSpeedZeroOptimizer.step", "self.overflow = False", line=3028),
            Anchor(_BF16, "BF16_Optimizer.step", "self.overflow = False", line=388),
            Anchor(_UNFUSED, "FP16_UnfusedOptimizer.step", "self.optimizer.step()", line=230))),
-    Patch("engine.save_checkpoint", "wraps", "save_checkpoint", "checkpoint.attach_checkpoint",
-          "every rank writes its SP-NGD shard into the tag directory: at stage 0 DeepSpeed saves the optimizer state "
-          "of data-parallel rank 0 only, and client_state goes into that one file; the default tag is DeepSpeed's",
+    Patch("engine.save_checkpoint", "wraps", "save_checkpoint",
+          "checkpoint.attach_checkpoint, decentralized_engine.attach_decentralized_checkpoint",
+          "every rank writes its SP-NGD shard (DecentLaM / DmSGD: its own parameters and momentum, replicas differ) "
+          "into the tag directory: at stage 0 DeepSpeed saves the module and optimizer state of data-parallel rank 0 "
+          "only, and client_state goes into that one file; the default tag is DeepSpeed's",
           (Anchor(_ENGINE, "DeepSpeedEngine.save_checkpoint", line=4869, params=("save_dir", "tag")),
            Anchor(_ENGINE, "DeepSpeedEngine.save_checkpoint", 'tag = f"global_step{self.global_steps}"',
                   line=4903))),
-    Patch("engine.load_checkpoint", "wraps", "load_checkpoint", "checkpoint.attach_checkpoint",
-          "every rank checks and reads all SP-NGD shards of the tag before DeepSpeed loads anything, resolving "
-          "tag=None as DeepSpeed does (the latest / latest_universal file); no load callback",
+    Patch("engine.load_checkpoint", "wraps", "load_checkpoint",
+          "checkpoint.attach_checkpoint, decentralized_engine.attach_decentralized_checkpoint",
+          "every rank checks and reads all SP-NGD shards (DecentLaM / DmSGD: its own file) of the tag before "
+          "DeepSpeed loads anything, resolving tag=None as DeepSpeed does (the latest / latest_universal file); no "
+          "load callback",
           (Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint", line=4395, params=("load_dir", "tag",
                                                                                    "load_optimizer_states")),
            Anchor(_ENGINE, "DeepSpeedEngine.load_checkpoint",

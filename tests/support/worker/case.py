@@ -70,7 +70,8 @@ class Case:
         weight_rescale: SP-NGD's ``weight_rescale``.
         inv_update_steps: SP-NGD's ``inv_update_steps``.
         nonfinite, max_consecutive_skips, stale_statistics, stale_tolerance, stale_max_interval, max_factor_dim,
-            direction: the SP-NGD options of those names, passed only when given (None: SP-NGD's default;
+            direction, async_inverse, async_inverse_delay: the SP-NGD options of those names, passed only when given
+            (None: SP-NGD's default;
             ``max_factor_dim``: blocked sides, one owner per diagonal block).
         count_collectives: record every reduce / all_reduce / broadcast / all-gather / reduce-scatter per step.
         resume_at: save a checkpoint after that many steps, build a fresh engine, load it and continue.
@@ -111,6 +112,8 @@ class Case:
     stale_max_interval: int | None = None
     max_factor_dim: int | None = None
     direction: str | None = None
+    async_inverse: bool | None = None
+    async_inverse_delay: int | None = None
     count_collectives: bool = False
     resume_at: int | None = None
     groups: Groups | None = None
@@ -124,7 +127,7 @@ class Case:
     def optional_options(self) -> dict[str, Any]:
         """The SP-NGD options passed only when the case gives them."""
         keys = ("nonfinite", "max_consecutive_skips", "stale_statistics", "stale_tolerance", "stale_max_interval",
-                "max_factor_dim", "direction")
+                "max_factor_dim", "direction", "async_inverse", "async_inverse_delay")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def fault(self, rank: int, step: int, kind: str) -> bool:

@@ -53,6 +53,8 @@ def arm_inversion_fault(spngd: SPNGD, case: Case, rank: int, step: int) -> None:
     active = inject.active(rank, step)
     owned = owned_blocks(spngd, rank) if active else set()
     for i, block in enumerate(spngd.blocks):
+        if (i in owned) == ("draft_part" in block.__dict__):
+            continue  # unchanged: no window in which an asynchronous-inversion worker could see the other one
         block.__dict__.pop("draft_part", None)  # back to the class method
         if i in owned:
             block.draft_part = _broken_draft(block.draft_part, inject.kind)  # type: ignore[method-assign]
