@@ -27,7 +27,6 @@ otherwise the pending inversion is dropped with a warning and the saved precondi
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ from ds_spngd.curvature.base import FisherBlock, Traces
 from ds_spngd.curvature.factor import frozen_values
 
 __all__ = ["AsyncInversion", "PendingInversion"]
-
-logger = logging.getLogger("ds_spngd")
 
 
 @dataclass
