@@ -42,8 +42,8 @@ from ds_spngd.transaction import SkipLedger
 logger = logging.getLogger("ds_spngd")
 
 __all__ = ["SHARD_PATTERN", "SHARD_GLOB", "Fault", "SPNGDCheckpointError", "SPNGDCheckpointNotFoundError", "ShardScan",
-           "check_block_names", "checkpoint_error", "load_state", "merge_shards", "pack_state", "read_shards",
-           "remove_stale_shards", "save_shard", "scan_shards", "pending_inversion"]
+           "atomic_save", "check_block_names", "checkpoint_error", "load_state", "merge_shards", "pack_state",
+           "read_shards", "remove_stale_shards", "save_shard", "scan_shards", "pending_inversion"]
 
 SHARD_PATTERN = "spngd_rank{rank:05d}.pt"
 SHARD_GLOB = "spngd_rank*.pt"
@@ -131,14 +131,21 @@ def checkpoint_error(tag_dir: str, reports: Sequence[tuple[int | None, str, Sequ
 
 # ---- saving -----------------------------------------------------------------------------------------------------
 def save_shard(state: dict[str, Any], tag_dir: str, rank: int) -> str:
-    """Write one rank's shard as ``tag_dir/SHARD_PATTERN`` atomically: into a hidden temporary file of the same
-    directory (flushed to disk), then ``os.replace`` onto the real name, so a crash mid-save leaves the previous shard
-    or none, never a truncated one under the real name. Returns the path."""
+    """Write one rank's shard as ``tag_dir/SHARD_PATTERN`` atomically (:func:`atomic_save`). Returns the path."""
     path = os.path.join(tag_dir, SHARD_PATTERN.format(rank=rank))
-    tmp = os.path.join(tag_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # does not match SHARD_GLOB
+    atomic_save(state, path)
+    return path
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: into a hidden temporary file of the same directory (flushed to
+    disk; its name matches no shard pattern), then ``os.replace`` onto the real name, so a crash mid-save leaves the
+    previous file or none, never a truncated one under the real name."""
+    tag_dir = os.path.dirname(path) or "."
+    tmp = os.path.join(tag_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -152,7 +159,6 @@ def save_shard(state: dict[str, Any], tag_dir: str, rank: int) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return path
 
 
 def remove_stale_shards(tag_dir: str, world: int) -> list[str]:

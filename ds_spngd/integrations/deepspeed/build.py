@@ -66,7 +66,7 @@ from deepspeed.utils import log_dist
 from ds_spngd.config import SPNGDConfig, SPNGDConfigError, parse_spngd_params
 from ds_spngd.integrations.deepspeed.construction import step_disabled
 from ds_spngd.integrations.deepspeed.decentralized_engine import initialize_decentralized, is_decentralized_config
-from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, without_config_path, zero_stage
+from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, optimizer_type, without_config_path, zero_stage
 from ds_spngd.integrations.deepspeed.engine import attach
 from ds_spngd.integrations.deepspeed.first_order import initialize_first_order, is_first_order_config
 from ds_spngd.integrations.deepspeed.noise_scale import NoiseScaleConfig, attach_noise_scale, parse_noise_scale
@@ -111,8 +111,7 @@ def load_ds_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str,
 
 def is_spngd_config(ds_config: dict[str, Any]) -> bool:
     """True when the config's optimizer section selects SP-NGD (type "SPNGD", case-insensitive)."""
-    section = ds_config.get("optimizer")
-    return isinstance(section, dict) and str(section.get("type", "")).lower() == "spngd"
+    return optimizer_type(ds_config) == "spngd"
 
 
 def get_spngd(engine_or_optimizer: Any) -> SPNGD | None:

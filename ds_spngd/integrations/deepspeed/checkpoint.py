@@ -57,7 +57,7 @@ from ds_spngd.checkpoint import (
 from ds_spngd.comm.collectives import backend, rank, world_size
 from ds_spngd.optimizer import SPNGD
 
-__all__ = ["attach_checkpoint", "resolve_tag"]
+__all__ = ["agree_faults", "attach_checkpoint", "resolve_tag"]
 
 Reports = list[tuple[int | None, str, list[Fault]]]
 
@@ -134,7 +134,7 @@ def _save_shard(spngd: SPNGD, tag_dir: str) -> None:
     except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would hang or load half
         name = SHARD_PATTERN.format(rank=me)
         faults.append(Fault(f"rank {me} could not write {name}: {type(err).__name__}: {err}", [name], [me]))
-    reports = _agree(faults, tag_dir, _flag_device(spngd))
+    reports = agree_faults(faults, tag_dir, _flag_device(spngd))
     if reports:
         raise checkpoint_error(tag_dir, reports, "not saved completely",
                                "this tag's SP-NGD shard set is incomplete and will be refused on load; save again")
@@ -150,7 +150,7 @@ def _check_shards(spngd: SPNGD, load_dir: str, tag: Any) -> ShardScan | None:
     scan = None
     if tag is not None:
         scan = scan_shards(tag_dir, {b.name: [f.name for f in b.factors] for b in spngd.blocks})
-    reports = _agree(scan.faults if scan is not None else [], tag_dir, _flag_device(spngd), tag is not None)
+    reports = agree_faults(scan.faults if scan is not None else [], tag_dir, _flag_device(spngd), tag is not None)
     if reports:
         raise checkpoint_error(tag_dir, reports)
     return scan
@@ -161,7 +161,7 @@ def _flag_device(spngd: SPNGD) -> torch.device:
     return spngd.device if "nccl" in backend() else torch.device("cpu")
 
 
-def _agree(faults: list[Fault], tag_dir: str, device: torch.device, tagged: bool | None = None) -> Reports:
+def agree_faults(faults: list[Fault], tag_dir: str, device: torch.device, tagged: bool | None = None) -> Reports:
     """Every rank's faults, [] when no rank found one: one MAX all-reduce of ``[fault here, no tag here, a tag here]``
     over the default group, reached by every rank; only when a fault (or a disagreement on ``tagged``) shows, the
     ranks gather their ``(rank, tag dir, faults)`` (``all_gather_object``, a few hundred bytes)."""

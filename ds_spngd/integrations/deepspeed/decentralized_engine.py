@@ -57,11 +57,12 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, ValidationError
 
-from ds_spngd.integrations.deepspeed.checkpoint import resolve_tag
+from ds_spngd.checkpoint import Fault, atomic_save
+from ds_spngd.integrations.deepspeed.checkpoint import agree_faults, resolve_tag
 from ds_spngd.integrations.deepspeed.construction import step_disabled
 from ds_spngd.integrations.deepspeed.decentralized import DecentLaM, DecentralizedOptimizer, DmSGD
-from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, zero_stage
-from ds_spngd.integrations.deepspeed.first_order import OptimizerConfigError, _format, _Params
+from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, optimizer_type, zero_stage
+from ds_spngd.integrations.deepspeed.first_order import OptimizerConfigError, StrictParams, format_param_errors
 from ds_spngd.integrations.deepspeed.noise_scale import parse_noise_scale
 
 __all__ = ["DECENTRALIZED_TYPES", "DecentralizedCheckpointError", "DecentralizedConfigError", "DecentralizedParams",
@@ -85,7 +86,7 @@ class DecentralizedCheckpointError(RuntimeError):
     """A DecentLaM / DmSGD checkpoint tag cannot be resumed per rank (raised on every rank together)."""
 
 
-class DecentralizedParams(_Params):
+class DecentralizedParams(StrictParams):
     """``params`` of ``"DecentLaM"`` / ``"DmSGD"`` (:mod:`.decentralized`).
 
     Attributes:
@@ -103,10 +104,7 @@ class DecentralizedParams(_Params):
 
 
 def _type_of(ds_config: dict[str, Any]) -> str | None:
-    section = ds_config.get("optimizer")
-    if not isinstance(section, dict):
-        return None
-    name = str(section.get("type", "")).lower()
+    name = optimizer_type(ds_config)
     return name if name in CLASSES else None
 
 
@@ -142,7 +140,7 @@ def parse_decentralized(ds_config: dict[str, Any]) -> tuple[str, DecentralizedPa
         try:
             params = DecentralizedParams(**raw)
         except ValidationError as err:
-            lines += _format(err, "optimizer.params")
+            lines += format_param_errors(err, "optimizer.params")
     lines += _engine_refusals(ds_config, label)
     if lines or params is None:
         raise DecentralizedConfigError(f"invalid {label} config:\n" + "\n".join(lines))
@@ -278,20 +276,16 @@ def _params(optimizer: DecentralizedOptimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _agree(fault: str, optimizer: DecentralizedOptimizer) -> list[str]:
-    """Every rank's fault message ('' for none) over the default group (the ranks DeepSpeed's checkpoint calls
-    involve), gathered only when some rank has one (one MAX all-reduce first, reached by every rank)."""
+def _agree(fault: str, optimizer: DecentralizedOptimizer, tag_dir: str) -> list[str]:
+    """Every rank's fault message ('' for none), as ``"rank r: ..."`` lines, agreed over the default group by the
+    checkpoint glue's :func:`~ds_spngd.integrations.deepspeed.checkpoint.agree_faults` (one MAX all-reduce, reached
+    by every rank; the messages gathered only when some rank has one)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [fault] if fault else []
     params = _params(optimizer)
     device = params[0].device if params and "nccl" in str(dist.get_backend()) else torch.device("cpu")
-    flag = torch.tensor([1.0 if fault else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
-        return []
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, fault)
-    return [f"rank {r}: {f}" for r, f in enumerate(gathered) if f]
+    faults = [Fault(fault, [], [dist.get_rank()])] if fault else []
+    return [f"rank {r}: {f.text}" for r, _, fs in agree_faults(faults, tag_dir, device) for f in fs]
 
 
 def _save_rank_file(engine: Any, optimizer: DecentralizedOptimizer, tag_dir: str) -> None:
@@ -306,11 +300,10 @@ def _save_rank_file(engine: Any, optimizer: DecentralizedOptimizer, tag_dir: str
                  "params": [p.detach().clone() for p in _params(optimizer)],
                  "module": [p.detach().clone() for p in engine.module.parameters()],
                  "optimizer": optimizer.state_dict()}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save(state, path)
     except Exception as err:  # noqa: BLE001 - every rank must learn of it
         fault = f"could not write its file: {type(err).__name__}: {err}"
-    faults = _agree(fault, optimizer)
+    faults = _agree(fault, optimizer, tag_dir)
     if faults:
         raise DecentralizedCheckpointError(f"{optimizer.name} checkpoint {tag_dir} not saved completely:\n  "
                                            + "\n  ".join(faults))
@@ -337,7 +330,7 @@ def _read_rank_file(engine: Any, optimizer: DecentralizedOptimizer, tag_dir: str
             if saved != here:
                 fault = (f"{os.path.basename(path)} was saved by {saved[0]} ranks with {saved[1]} parameters; this "
                          f"run has {here[0]} and {here[1]}")
-    faults = _agree(fault, optimizer)
+    faults = _agree(fault, optimizer, tag_dir)
     if faults:
         raise DecentralizedCheckpointError(
             f"{optimizer.name} checkpoint {tag_dir} cannot be resumed per rank (nothing was loaded):\n  "

@@ -6,7 +6,7 @@ import argparse
 import copy
 from typing import Any
 
-__all__ = ["zero_stage", "fp16_enabled", "without_config_path"]
+__all__ = ["zero_stage", "fp16_enabled", "optimizer_type", "without_config_path"]
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -26,3 +26,9 @@ def without_config_path(args: Any) -> Any:
     ds_args = argparse.Namespace(**vars(args)) if isinstance(args, argparse.Namespace) else copy.copy(args)
     ds_args.deepspeed_config = None
     return ds_args
+
+
+def optimizer_type(ds_config: dict[str, Any]) -> str | None:
+    """The JSON's ``optimizer.type``, lower-cased (None when the section or the key is missing)."""
+    section = ds_config.get("optimizer")
+    return str(section.get("type", "")).lower() or None if isinstance(section, dict) else None

@@ -37,13 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from ds_spngd.config import SPNGDConfigError
 from ds_spngd.integrations.deepspeed.construction import step_disabled
-from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, zero_stage
+from ds_spngd.integrations.deepspeed.ds_config import fp16_enabled, optimizer_type, zero_stage
 
 logger = logging.getLogger("ds_spngd")
 
-__all__ = ["FIRST_ORDER_TYPES", "LambParams", "LarsParams", "OptimizerConfigError", "build_first_order",
-           "deepspeed_has_fused_lamb", "initialize_first_order", "is_first_order_config", "parse_first_order",
-           "resolve_impl"]  # fmt: skip
+__all__ = ["FIRST_ORDER_TYPES", "LambParams", "LarsParams", "OptimizerConfigError", "StrictParams", "build_first_order",
+           "deepspeed_has_fused_lamb", "format_param_errors", "initialize_first_order", "is_first_order_config",
+           "parse_first_order", "resolve_impl"]  # fmt: skip
 
 IMPLS: tuple[str, ...] = ("auto", "deepspeed", "pytorch_optimizer")
 SECTION_KEYS = frozenset({"type", "impl", "params"})
@@ -55,7 +55,10 @@ class OptimizerConfigError(SPNGDConfigError):
     ``ds_spngd.initialize`` raises."""
 
 
-class _Params(BaseModel):
+class StrictParams(BaseModel):
+    """Base of the optimizer ``params`` schemas of the glue (LARS / Lamb here, DecentLaM / DmSGD): unknown keys
+    forbidden, frozen, no boolean where a number belongs."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
@@ -68,7 +71,7 @@ class _Params(BaseModel):
         return v
 
 
-class LarsParams(_Params):
+class LarsParams(StrictParams):
     """``params`` of ``pytorch_optimizer.LARS`` (You et al. 2017): per weight matrix/kernel (``ndim > 1``) the step
     is ``lr · trust_coefficient · ‖w‖ / (‖g‖ + weight_decay·‖w‖) · (g + weight_decay·w)`` before momentum; vectors
     (biases, norm scales) get plain momentum SGD without weight decay or trust ratio.
@@ -90,7 +93,7 @@ class LarsParams(_Params):
     nesterov: StrictBool = False
 
 
-class LambParams(_Params):
+class LambParams(StrictParams):
     """``params`` of ``pytorch_optimizer.Lamb`` (You et al. 2020, version 3 of the paper): Adam's moments without
     bias correction, the update scaled per tensor by ``min(‖w‖, 10) / ‖update‖``.
 
@@ -128,15 +131,12 @@ class LambParams(_Params):
         return v
 
 
-SCHEMAS: dict[str, type[_Params]] = {"lars": LarsParams, "lamb": LambParams}
+SCHEMAS: dict[str, type[StrictParams]] = {"lars": LarsParams, "lamb": LambParams}
 FIRST_ORDER_TYPES: tuple[str, ...] = tuple(SCHEMAS)
 
 
 def _type_of(ds_config: dict[str, Any]) -> str | None:
-    section = ds_config.get("optimizer")
-    if not isinstance(section, dict):
-        return None
-    name = str(section.get("type", "")).lower()
+    name = optimizer_type(ds_config)
     return name if name in SCHEMAS else None
 
 
@@ -180,7 +180,8 @@ def resolve_impl(ds_config: dict[str, Any]) -> Literal["deepspeed", "pytorch_opt
     return "deepspeed" if impl == "deepspeed" else "pytorch_optimizer"
 
 
-def _format(err: ValidationError, prefix: str) -> list[str]:
+def format_param_errors(err: ValidationError, prefix: str) -> list[str]:
+    """One line per offending key of a :class:`StrictParams` validation error, prefixed with the JSON path."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -190,7 +191,7 @@ def _format(err: ValidationError, prefix: str) -> list[str]:
     return lines
 
 
-def parse_first_order(ds_config: dict[str, Any]) -> tuple[str, _Params]:
+def parse_first_order(ds_config: dict[str, Any]) -> tuple[str, StrictParams]:
     """Validate a LARS / Lamb section for the pytorch-optimizer implementation.
 
     Returns:
@@ -210,21 +211,21 @@ def parse_first_order(ds_config: dict[str, Any]) -> tuple[str, _Params]:
         lines.append(f"  optimizer.impl: must be one of {list(IMPLS)} (got {section['impl']!r})")
     raw = section.get("params")
     raw = {} if raw is None else raw
-    params: _Params | None = None
+    params: StrictParams | None = None
     if not isinstance(raw, dict):
         lines.append(f"  optimizer.params: must be a JSON object, got {type(raw).__name__}")
     else:
         try:
             params = SCHEMAS[name](**raw)
         except ValidationError as err:
-            lines += _format(err, "optimizer.params")
+            lines += format_param_errors(err, "optimizer.params")
     if lines or params is None:
         label = "LARS" if name == "lars" else "Lamb (pytorch-optimizer)"
         raise OptimizerConfigError(f"invalid {label} config:\n" + "\n".join(lines))
     return name, params
 
 
-def build_first_order(name: str, params: _Params, model_parameters: Iterable[Any]) -> torch.optim.Optimizer:
+def build_first_order(name: str, params: StrictParams, model_parameters: Iterable[Any]) -> torch.optim.Optimizer:
     """Construct ``pytorch_optimizer.LARS`` / ``pytorch_optimizer.Lamb`` on ``model_parameters`` (tensors or
     parameter-group dicts) with the validated ``params`` (``betas`` as a tuple).
 
